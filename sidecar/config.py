@@ -1,0 +1,449 @@
+"""The sidecar's configuration: models, loading, and validation that reports every problem with its path.
+
+Loading never stops at the first problem: the operator gets the whole list (`regions[1].proxy: port 8101
+already used by regions[0].proxy`) so one edit fixes everything. Durations accept `ms`, `s` and `m`;
+relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+DEFAULT_CONFIG = "sidecar.yaml"
+CONFIG_ENV = "DDB_SIDECAR_CONFIG"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d+$")
+_TABLE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
+_ACCESS_KEY = re.compile(r"^[A-Z0-9]{16,128}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_duration(value: Any) -> float:
+    """`800ms`, `1s`, `2m` (or a bare number of seconds) to seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 800ms, 1s or 2m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError(f"malformed duration {value!r}: use a number with ms, s or m, such as 800ms, 1s, 2m")
+    if seconds <= 0:
+        raise ValueError(f"duration {value!r} must be positive")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+@dataclass(frozen=True, order=True)
+class Address:
+    """A TCP listening address `host:port`."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: Any) -> Address:
+        if isinstance(value, Address):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"expected host:port, got {value!r}")
+        host, sep, port_text = value.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit():
+            raise ValueError(f"expected host:port such as 127.0.0.1:8000, got {value!r}")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} out of range 1-65535")
+        return cls(host, port)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+AddressField = Annotated[Address, BeforeValidator(Address.parse)]
+
+
+def _table_name(value: str) -> str:
+    if not _TABLE.match(value):
+        raise ValueError(f"{value!r} is not a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+TableName = Annotated[str, AfterValidator(_table_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Region(_Model):
+    name: str
+    endpoint: str | None = None
+    proxy: AddressField
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _REGION.match(v):
+            raise ValueError(f"{v!r} is not an AWS region name such as us-east-1")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"endpoint {v!r} must be an http(s) URL such as https://dynamodb.us-east-1.amazonaws.com"
+            )
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(f"endpoint {v!r} must be scheme://host[:port] with no path, query or user")
+        if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
+            raise ValueError(
+                f"endpoint {v!r} uses plain http to a non-loopback host: requests signed with the sidecar's "
+                "credentials would cross the network unencrypted; use https"
+            )
+        return v.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self.endpoint or f"https://dynamodb.{self.name}.amazonaws.com"
+
+
+def _is_loopback_host(host: str) -> bool:
+    return Address(host, 1).is_loopback
+
+
+class Health(_Model):
+    table: TableName = "ddb-sidecar-health"
+    interval: Duration = 1.0
+    timeout: Duration = 0.8
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    rise: Annotated[int, Field(ge=1, le=100)] = 3
+    slow: Duration = 2.0
+
+
+class Failover(_Model):
+    automatic: bool = True
+    failback: Literal["manual", "automatic"] = "manual"
+    hold_down: Duration = 60.0
+    max_lag: Duration = 1.0
+
+
+class HAProxy(_Model):
+    manage: bool = True
+    binary: str | None = None
+    template: Path | None = None
+    config: Path = Path("run/haproxy.cfg")
+    runtime_socket: Path = Path("run/haproxy.sock")
+    master_socket: Path = Path("run/haproxy-master.sock")
+    backend: str = "dynamodb"
+    stats: AddressField | None = Address("127.0.0.1", 8404)
+    maxconn: Annotated[int, Field(ge=1)] = 2000
+    timeout_client: Duration = 30.0
+    timeout_server: Duration = 30.0
+    timeout_connect: Duration = 2.0
+    timeout_http_request: Duration = 10.0
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_.:-]+$", v):
+            raise ValueError("backend name may contain only letters, digits, '_', '.', ':' and '-'")
+        return v
+
+
+class Proxy(_Model):
+    """The region listeners' data-path settings."""
+
+    allow_control_plane: bool = False
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 16 * 1024 * 1024
+    connect_timeout: Duration = 2.0
+    request_timeout: Duration = 10.0
+    max_connections: Annotated[int, Field(ge=1, le=4096)] = 64
+    idle_timeout: Duration = 30.0
+
+
+class Client(_Model):
+    access_key_id: str
+    secret_access_key_env: str
+
+    @field_validator("access_key_id")
+    @classmethod
+    def _akid(cls, v: str) -> str:
+        if not _ACCESS_KEY.match(v):
+            raise ValueError("access_key_id must be 16-128 upper-case letters and digits")
+        return v
+
+    @field_validator("secret_access_key_env")
+    @classmethod
+    def _env(cls, v: str) -> str:
+        if not _ENV_NAME.match(v):
+            raise ValueError(
+                "secret_access_key_env must be the NAME of an environment variable, not the secret"
+            )
+        return v
+
+
+class Replication(_Model):
+    mode: Literal["global-tables", "streams", "none"] = "global-tables"
+
+
+class Logging(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Model):
+    listen: AddressField = Address("127.0.0.1", 8000)
+    regions: list[Region] = Field(min_length=1)
+    tables: list[TableName] = Field(min_length=1)
+    health: Health = Health()
+    failover: Failover = Failover()
+    haproxy: HAProxy = HAProxy()
+    admin: AddressField = Address("127.0.0.1", 8405)
+    state_dir: Path = Path("run")
+    clients: list[Client] = []
+    replication: Replication = Replication()
+    proxy: Proxy = Proxy()
+    logging: Logging = Logging()
+    # The folder relative paths were resolved against (not a YAML key).
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @property
+    def home(self) -> Region:
+        return self.regions[0]
+
+    def region(self, name: str) -> Region:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        raise KeyError(name)
+
+    def client_secrets(self) -> dict[str, str]:
+        """The configured client keys with their secrets read from the environment now."""
+        return {c.access_key_id: os.environ.get(c.secret_access_key_env, "") for c in self.clients}
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each as `path: message`."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _loc(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else (base / path)
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, check_environment: bool = True) -> Config:
+    """Read, validate and resolve a config file; raise ConfigError listing every problem."""
+    file = resolve_config_path(path)
+    source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, [f"(file): not found; pass -c PATH or set {CONFIG_ENV}"]) from None
+    except OSError as exc:
+        raise ConfigError(source, [f"(file): cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise ConfigError(source, [f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    return config_from_data(
+        data, base_dir=file.resolve().parent, source=source, check_environment=check_environment
+    )
+
+
+def config_from_data(
+    data: Any, *, base_dir: Path, source: str = "<config>", check_environment: bool = True
+) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of keys such as listen, regions, tables"])
+    # Cross-field checks run on the raw data too, so one run reports a duplicate port together with a
+    # malformed duration elsewhere.
+    problems = _raw_problems(data)
+    try:
+        config = Config.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling against INTERFACE.md)"
+            elif err["type"] == "missing":
+                msg = "required"
+            problems.append(f"{_loc(err['loc'])}: {msg}")
+        raise ConfigError(source, sorted(set(problems), key=problems.index)) from None
+    config = _with_resolved_paths(config)
+    problems += semantic_problems(config, check_environment=check_environment)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _with_resolved_paths(config: Config) -> Config:
+    base = config.base_dir
+    hp = config.haproxy
+    haproxy = hp.model_copy(
+        update={
+            "template": _resolve(base, hp.template) if hp.template else None,
+            "config": _resolve(base, hp.config),
+            "runtime_socket": _resolve(base, hp.runtime_socket),
+            "master_socket": _resolve(base, hp.master_socket),
+        }
+    )
+    return config.model_copy(update={"haproxy": haproxy, "state_dir": _resolve(base, config.state_dir)})
+
+
+def _raw_address(data: Any, *keys: str | int) -> Address | None:
+    for key in keys:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    try:
+        return Address.parse(data)
+    except ValueError:
+        return None
+
+
+def _raw_problems(data: dict[str, Any]) -> list[str]:
+    """Duplicates across sections, checked on the raw YAML so they show up with every other problem."""
+    problems: list[str] = []
+    hp: dict[str, Any] = data["haproxy"] if isinstance(data.get("haproxy"), dict) else {}
+    candidates: list[tuple[str, Address | None]] = [
+        ("listen", _raw_address(data, "listen") if "listen" in data else Address("127.0.0.1", 8000)),
+        ("admin", _raw_address(data, "admin") if "admin" in data else Address("127.0.0.1", 8405)),
+        ("haproxy.stats", _raw_address(hp, "stats") if "stats" in hp else Address("127.0.0.1", 8404)),
+    ]
+    regions: list[Any] = data["regions"] if isinstance(data.get("regions"), list) else []
+    candidates += [(f"regions[{i}].proxy", _raw_address(regions, i, "proxy")) for i in range(len(regions))]
+    used: dict[tuple[str, int], str] = {}
+    for where, addr in candidates:
+        if addr is None:
+            continue
+        for (host, port), first in used.items():
+            if port == addr.port and (
+                host == addr.host or "0.0.0.0" in (host, addr.host) or "::" in (host, addr.host)
+            ):
+                problems.append(f"{where}: port {addr.port} already used by {first}")
+                break
+        else:
+            used[(addr.host, addr.port)] = where
+
+    seen_regions: dict[Any, int] = {}
+    for i, region in enumerate(regions):
+        name = region.get("name") if isinstance(region, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in seen_regions:
+            problems.append(f"regions[{i}].name: {name} already listed as regions[{seen_regions[name]}]")
+        else:
+            seen_regions[name] = i
+
+    tables: list[Any] = data["tables"] if isinstance(data.get("tables"), list) else []
+    seen_tables: set[Any] = set()
+    for i, table in enumerate(tables):
+        if isinstance(table, str) and table in seen_tables:
+            problems.append(f"tables[{i}]: {table} listed twice")
+        seen_tables.add(table)
+    # Never an open signing proxy: anything that accepts requests and signs them with our credentials
+    # stays on loopback unless the operator restricts who may call it.
+    for where, addr in candidates:
+        if addr is None or addr.is_loopback or where == "haproxy.stats":
+            continue
+        if where == "admin":
+            problems.append(
+                f"admin: {addr} is not a loopback address; the admin API moves traffic, keep it on 127.0.0.1"
+            )
+        elif not data.get("clients"):
+            problems.append(
+                f"{where}: {addr} is not a loopback address; without `clients` anyone who can reach it "
+                "could use the sidecar's AWS credentials. Bind to 127.0.0.1 or configure clients"
+            )
+    return problems
+
+
+def semantic_problems(config: Config, *, check_environment: bool = True) -> list[str]:
+    """Cross-field checks on a valid model that pydantic cannot express, each as `path: message`."""
+    problems: list[str] = []
+
+    if config.health.timeout >= config.health.interval * 2:
+        problems.append("health.timeout: must be shorter than twice health.interval, or probes pile up")
+
+    hp = config.haproxy
+    if hp.template is not None and not hp.template.is_file():
+        problems.append(f"haproxy.template: {hp.template} not found")
+    if hp.binary is not None and not (Path(hp.binary).is_file() and os.access(hp.binary, os.X_OK)):
+        problems.append(f"haproxy.binary: {hp.binary} is not an executable file")
+    sockets = {"haproxy.runtime_socket": hp.runtime_socket, "haproxy.master_socket": hp.master_socket}
+    for where, sock in sockets.items():
+        if len(os.fsencode(sock)) > 100:
+            problems.append(f"{where}: path {sock} is too long for a unix socket (100 bytes at most)")
+    if hp.runtime_socket == hp.master_socket:
+        problems.append("haproxy.master_socket: same path as haproxy.runtime_socket")
+
+    seen_keys: set[str] = set()
+    for i, client in enumerate(config.clients):
+        if client.access_key_id in seen_keys:
+            problems.append(f"clients[{i}].access_key_id: listed twice")
+        seen_keys.add(client.access_key_id)
+        if check_environment and not os.environ.get(client.secret_access_key_env):
+            problems.append(
+                f"clients[{i}].secret_access_key_env: environment variable {client.secret_access_key_env} is not set"
+            )
+    return problems

@@ -1,0 +1,114 @@
+"""Health probes, classified: what a probe's outcome says about a region, and fall/rise hysteresis.
+
+Pure: the shell measures (status, error code, exception, latency) and hands them here. A throttle or an
+auth failure is not a regional outage: the region answered, moving would not help.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+
+class Cause(enum.StrEnum):
+    OK = "ok"
+    TIMEOUT = "timeout"
+    REFUSED = "refused"
+    CONNECTION = "connection"
+    SERVER_ERROR = "5xx"
+    SLOW = "slow"
+    THROTTLED = "throttled"
+    AUTH = "auth"
+    CLIENT_ERROR = "4xx"
+
+
+# Causes that mean the region itself is failing; the others mean it answered.
+OUTAGE_CAUSES = frozenset({Cause.TIMEOUT, Cause.REFUSED, Cause.CONNECTION, Cause.SERVER_ERROR, Cause.SLOW})
+
+_THROTTLING = frozenset(
+    {
+        "ThrottlingException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+    }
+)
+_AUTH = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "MissingAuthenticationTokenException",
+        "AccessDeniedException",
+        "ExpiredTokenException",
+        "IncompleteSignatureException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOutcome:
+    cause: Cause
+    detail: str
+    latency: float | None = None
+
+    @property
+    def is_outage(self) -> bool:
+        return self.cause in OUTAGE_CAUSES
+
+
+def classify_response(status: int, error_code: str | None, latency: float, slow_after: float) -> ProbeOutcome:
+    """A probe that got an HTTP answer: what does it say about the region?"""
+    if status >= 500:
+        if error_code in _THROTTLING:
+            return ProbeOutcome(Cause.THROTTLED, f"HTTP {status} {error_code}", latency)
+        return ProbeOutcome(Cause.SERVER_ERROR, f"HTTP {status} {error_code or ''}".strip(), latency)
+    if status >= 400:
+        if error_code in _THROTTLING:
+            return ProbeOutcome(Cause.THROTTLED, f"HTTP {status} {error_code}", latency)
+        if error_code in _AUTH or status == 403:
+            return ProbeOutcome(Cause.AUTH, f"HTTP {status} {error_code or ''}".strip(), latency)
+        return ProbeOutcome(Cause.CLIENT_ERROR, f"HTTP {status} {error_code or ''}".strip(), latency)
+    if latency > slow_after:
+        return ProbeOutcome(Cause.SLOW, f"answered in {latency * 1000:.0f} ms (slow above {slow_after * 1000:.0f} ms)", latency)
+    return ProbeOutcome(Cause.OK, f"HTTP {status}", latency)
+
+
+def classify_failure(kind: str, detail: str) -> ProbeOutcome:
+    """A probe that got no HTTP answer; `kind` is timeout, refused or connection."""
+    cause = {"timeout": Cause.TIMEOUT, "refused": Cause.REFUSED}.get(kind, Cause.CONNECTION)
+    return ProbeOutcome(cause, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    """One region's health after a sequence of probes."""
+
+    state: str = "unknown"  # up | down | unknown
+    cause: str | None = None
+    failures: int = 0
+    successes: int = 0
+    latency: float | None = None
+
+
+def observe(prev: HealthState, outcome: ProbeOutcome, *, fall: int, rise: int) -> HealthState:
+    """Fold one probe outcome into the region's state with fall/rise hysteresis."""
+    if outcome.is_outage:
+        failures = prev.failures + 1
+        state = "down" if failures >= fall else prev.state
+        return replace(
+            prev,
+            state=state,
+            cause=f"{failures} consecutive {outcome.cause.value}: {outcome.detail}",
+            failures=failures,
+            successes=0,
+            latency=outcome.latency,
+        )
+    successes = prev.successes + 1
+    if prev.state == "down":
+        state = "up" if successes >= rise else "down"
+    else:
+        state = "up"  # unknown becomes up at the first good answer: at start-up nothing is known to be wrong
+    cause = None if outcome.cause is Cause.OK else f"{outcome.cause.value}: {outcome.detail}"
+    return replace(prev, state=state, cause=cause, failures=0, successes=successes, latency=outcome.latency)

@@ -1,0 +1,351 @@
+"""A region listener: HAProxy's backend server for one region.
+
+Per request: parse (httptools), answer the health check, verify the client's signature when `clients` is
+set, admit it through the gate (tables, operation class, size), re-sign it for the region and hand the
+bytes to the region's upstream pool; relay the response unchanged (status, body, x-amz-crc32,
+x-amzn-RequestId). Everything that can be computed once (error bodies, the health answers, header names)
+is computed once. Nothing a client sends can raise out of here: a bug becomes a DynamoDB-shaped 500 and a
+log line, and the listener keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httptools
+
+from sidecar.core.errors import DynamoError
+from sidecar.core.gate import Admitted, GatePolicy, admit
+from sidecar.core.operations import OpKind
+from sidecar.proxy.sigv4 import ClientVerifier, Credentials, DynamoDBRequestSigner
+from sidecar.proxy.stats import RegionStats
+from sidecar.proxy.upstream import (
+    UpstreamError,
+    UpstreamFailed,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATH = b"/ddb-sidecar/health"
+_MAX_HEADER_BYTES = 64 * 1024
+_MAX_PIPELINED = 16
+_JSON = b"Content-Type: application/x-amz-json-1.0\r\n"
+_HEALTH_UP = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nup\n"
+_HEALTH_DOWN = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\ndown\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    413: b"Payload Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+}
+
+
+@dataclass(slots=True)
+class DataPathPolicy:
+    """What the listeners enforce; replaced as a whole on SIGHUP."""
+
+    gate: GatePolicy
+    verifier: ClientVerifier | None = None
+
+
+class RegionHealth:
+    """The region's usability as the health check reports it; written by the prober."""
+
+    __slots__ = ("cause", "checked_at", "latency_ms", "state")
+
+    def __init__(self) -> None:
+        self.state = "unknown"
+        self.cause: str | None = None
+        self.latency_ms: float | None = None
+        self.checked_at: float | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "up"
+
+
+class RegionRuntime:
+    """Everything a listener needs for its region; shared with the prober and the admin API."""
+
+    def __init__(
+        self,
+        name: str,
+        signer: DynamoDBRequestSigner,
+        pool: UpstreamPool,
+        credentials: Callable[[], Credentials],
+        policy: Callable[[], DataPathPolicy],
+    ) -> None:
+        self.name = name
+        self.signer = signer
+        self.pool = pool
+        self.credentials = credentials
+        self.policy = policy
+        self.health = RegionHealth()
+        self.stats = RegionStats()
+
+
+class _Request:
+    __slots__ = ("admitted", "body", "headers", "keep_alive", "method", "too_large", "url")
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.keep_alive = True
+        self.too_large = False
+        self.admitted: Admitted | None = None
+
+
+def _error_response(error: DynamoError, close: bool = False) -> bytes:
+    body = error.body()
+    reason = _REASONS.get(error.status, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\n%sx-amzn-ErrorType: %s\r\nContent-Length: %d\r\n%s\r\n"
+        % (
+            error.status,
+            reason,
+            _JSON,
+            error.code.encode(),
+            len(body),
+            b"Connection: close\r\n" if close else b"",
+        )
+        + body
+    )
+
+
+class RegionListener(asyncio.Protocol):
+    """One client connection (in practice: one of HAProxy's server connections)."""
+
+    def __init__(self, region: RegionRuntime, on_close: Callable[[RegionListener], None]) -> None:
+        self.region = region
+        self._on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._current = _Request()
+        self._header_bytes = 0
+        self._queue: deque[_Request] = deque()
+        self._busy = False
+        self._closing = False
+        self.last_active = time.monotonic()
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._queue.clear()
+        self._on_close(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reply_and_close(DynamoError(400, "SerializationException", "protocol upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            self._reply_and_close(
+                DynamoError(400, "SerializationException", f"malformed HTTP request: {str(exc)[:120]}")
+            )
+        except Exception:
+            logger.exception("listener %s: unexpected error while parsing a request", self.region.name)
+            self._reply_and_close(DynamoError(500, "InternalServerError", "ddb-sidecar internal error"))
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._current = _Request()
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._current.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _MAX_HEADER_BYTES:
+            raise httptools.HttpParserError("request headers larger than 64 KiB")
+        self._current.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        req = self._current
+        req.method = self._parser.get_method()
+        req.keep_alive = self._parser.should_keep_alive()
+        limit = self.region.policy().gate.max_body_bytes
+        for name, value in req.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                try:
+                    req.too_large = int(value) > limit
+                except ValueError:
+                    pass  # llhttp already rejects a malformed Content-Length
+            elif lname == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
+                if not req.too_large:
+                    self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        req = self._current
+        if req.too_large:
+            return
+        req.body.append(body)
+        if sum(map(len, req.body)) > self.region.policy().gate.max_body_bytes:
+            req.too_large = True
+            req.body.clear()
+
+    def on_message_complete(self) -> None:
+        self._queue.append(self._current)
+        if len(self._queue) > _MAX_PIPELINED and self.transport is not None:
+            self.transport.pause_reading()
+        if not self._busy:
+            self._next()
+
+    # -- request handling
+    def _next(self) -> None:
+        while self._queue and not self._busy and not self._closing:
+            req = self._queue.popleft()
+            try:
+                self._handle(req)
+            except Exception:
+                logger.exception("listener %s: unexpected error handling a request", self.region.name)
+                self._busy = False
+                self._reply_and_close(DynamoError(500, "InternalServerError", "ddb-sidecar internal error"))
+        if not self._queue and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def _handle(self, req: _Request) -> None:
+        region = self.region
+        path, _, query = req.url.partition(b"?")
+        if req.method == b"GET" or req.method == b"HEAD":
+            if path == HEALTH_PATH:
+                self._write(_HEALTH_UP if region.health.healthy else _HEALTH_DOWN, req.keep_alive)
+                return
+        if req.method != b"POST" or path != b"/":
+            self._refuse(req, DynamoError(404, "UnknownOperationException", _not_found_message(req)), "route")
+            return
+        policy = region.policy()
+        if req.too_large:
+            self._refuse(
+                req,
+                DynamoError(
+                    413,
+                    "RequestEntityTooLargeException",
+                    f"request body larger than {policy.gate.max_body_bytes} bytes "
+                    "(proxy.max_body_bytes; DynamoDB's own limit is 16 MB)",
+                ),
+                "too_large",
+                close=True,
+            )
+            return
+        body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
+        target: str | None = None
+        for name, value in req.headers:
+            if len(name) == 12 and name.lower() == b"x-amz-target":
+                target = value.decode("latin-1")
+                break
+        if policy.verifier is not None:
+            failure = policy.verifier.verify(
+                req.method.decode(),
+                path.decode("latin-1"),
+                query.decode("latin-1"),
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in req.headers],
+                body,
+                time.time(),
+            )
+            if failure is not None:
+                self._refuse(req, DynamoError(400, failure.code, failure.message), "auth")
+                return
+        decision = admit(policy.gate, target, body)
+        if isinstance(decision, DynamoError):
+            self._refuse(req, decision, decision.code)
+            return
+        req.admitted = decision
+        assert target is not None  # admitted requests name an operation
+        head = region.signer.request_head(region.credentials(), target, body, time.time())
+        self._busy = True
+        region.stats.in_flight += 1
+        started = time.monotonic()
+
+        def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+            region.stats.in_flight -= 1
+            self._busy = False
+            if response is not None:
+                region.stats.upstream_latency.observe(time.monotonic() - started)
+                region.stats.requests[(decision.operation.name, response.status)] += 1
+                self._write_response(response, req.keep_alive)
+            else:
+                assert error is not None
+                err = _upstream_error(region.name, error)
+                region.stats.upstream_errors[type(error).__name__] += 1
+                region.stats.requests[(decision.operation.name, err.status)] += 1
+                self._write(_error_response(err, close=not req.keep_alive), req.keep_alive)
+            self._next()
+
+        region.pool.send(head + body, reply, idempotent=decision.kind is not OpKind.WRITE)
+
+    def _refuse(self, req: _Request, error: DynamoError, reason: str, close: bool = False) -> None:
+        stats = self.region.stats
+        stats.refused[reason] += 1
+        op = req.admitted.operation.name if req.admitted else "-"
+        stats.requests[(op, error.status)] += 1
+        keep = req.keep_alive and not close
+        self._write(_error_response(error, close=not keep), keep)
+
+    def _write_response(self, response: UpstreamResponse, keep_alive: bool) -> None:
+        head = response.head + b"Content-Length: %d\r\n" % len(response.body)
+        if not keep_alive:
+            head += b"Connection: close\r\n"
+        self._write(head + b"\r\n" + response.body, keep_alive)
+
+    def _write(self, data: bytes, keep_alive: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        if not keep_alive:
+            self._closing = True
+            transport.close()
+
+    def _reply_and_close(self, error: DynamoError) -> None:
+        self._queue.clear()
+        if not self._busy:
+            self._write(_error_response(error, close=True), keep_alive=False)
+        else:
+            self._closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+
+def _not_found_message(req: _Request) -> str:
+    return (
+        f"{req.method.decode(errors='replace')} {req.url[:100].decode(errors='replace')} is not served here: "
+        "ddb-sidecar serves the DynamoDB JSON API (POST / with X-Amz-Target) and GET /ddb-sidecar/health"
+    )
+
+
+def _upstream_error(region: str, error: UpstreamError) -> DynamoError:
+    ns = "com.amazonaws.dynamodb.v20120810"
+    if not error.sent:
+        return DynamoError(
+            503,
+            "ServiceUnavailableException",
+            f"region {region} unreachable ({error.detail}); the request was not sent, it is safe to retry",
+            ns,
+        )
+    if isinstance(error, UpstreamTimeout):
+        return DynamoError(
+            500, "InternalServerError", f"region {region}: {error.detail}; the request may have been applied", ns
+        )
+    assert isinstance(error, UpstreamFailed | UpstreamError)
+    return DynamoError(
+        500, "InternalServerError", f"region {region}: {error.detail}; the request may have been applied", ns
+    )
