@@ -49,9 +49,11 @@ class UpstreamError(Exception):
 
     sent: bool = True
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, kind: str = "connection") -> None:
         super().__init__(detail)
         self.detail = detail
+        # timeout | refused | connection: what the health classification needs to know.
+        self.kind = kind
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -62,6 +64,9 @@ class UpstreamUnreachable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """Sent, but no complete response within the request timeout: it may have been applied."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, "timeout")
 
 
 class UpstreamFailed(UpstreamError):
@@ -371,8 +376,9 @@ class UpstreamPool:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self.stats.connect_errors += 1
             detail = _describe_connect_error(exc, ep, self.connect_timeout)
+            kind = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(exc, ConnectionRefusedError) else "connection"
             self.stats.error("connect", detail)
-            exchange.reply(None, UpstreamUnreachable(detail))
+            exchange.reply(None, UpstreamUnreachable(detail, kind))
             self._drain_waiting_after_failure(detail)
             return
         self.stats.connects += 1

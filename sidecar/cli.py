@@ -1,0 +1,202 @@
+"""The `ddb-sidecar` command line.
+
+Exit codes (INTERFACE.md): 0 ok, 1 check failed or refused, 2 usage or config error, 3 daemon unreachable.
+Commands that change what the daemon does post an intent to its admin API; they never act themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sidecar.config import CONFIG_ENV, Config, ConfigError, load_config
+
+logger = logging.getLogger("sidecar")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        envvar=CONFIG_ENV,
+        default="sidecar.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=f"Config file (environment {CONFIG_ENV}).",
+    )(f)
+
+
+def _load(path: Path, *, check_environment: bool = True) -> Config:
+    try:
+        return load_config(path, check_environment=check_environment)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"{exc.source}: {problem}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ddb-sidecar")
+def main() -> None:
+    """Regional failover for DynamoDB clients outside AWS: HAProxy in front, a re-signing sidecar behind."""
+
+
+@main.command()
+@config_option
+def validate(config_path: Path) -> None:
+    """Check the config; print every problem as `path: message`."""
+    config = _load(config_path)
+    click.echo(
+        f"{config_path}: ok ({len(config.regions)} regions, home {config.home.name}, "
+        f"{len(config.tables)} tables, stable address {config.listen})"
+    )
+
+
+@main.command()
+@config_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: haproxy.config.")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if the file differs from the rendering.")
+def render(config_path: Path, output: Path | None, check: bool) -> None:
+    """Render haproxy.cfg from the template, validate it with `haproxy -c`, write it atomically."""
+    from sidecar.engine import initial_weights
+    from sidecar.haproxy.binary import HAProxyNotFound, find_haproxy
+    from sidecar.haproxy.render import RenderError, render_to_file
+
+    config = _load(config_path, check_environment=False)
+    try:
+        binary = find_haproxy(config.haproxy.binary)
+        result = render_to_file(config, out=output, weights=initial_weights(config), check=check, binary=binary)
+    except HAProxyNotFound as exc:
+        click.echo(f"render: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except RenderError as exc:
+        click.echo(f"render: the rendered config is invalid, nothing written:\n{exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if check:
+        if result.changed:
+            click.echo(f"{result.path}: differs from the rendering (run `ddb-sidecar render` to update)")
+            sys.exit(EXIT_FAILED)
+        click.echo(f"{result.path}: up to date")
+    else:
+        click.echo(f"{result.path}: {'written' if result.changed else 'unchanged'}")
+
+
+@main.command()
+@config_option
+def run(config_path: Path) -> None:
+    """Run the daemon: region listeners, probes, HAProxy (when managed), the admin API."""
+    from sidecar.logs import setup_logging
+
+    config = _load(config_path)
+    setup_logging(config.logging.level, config.logging.format)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.Runner()
+    with runner:
+        sys.exit(runner.run(_run(config, config_path)))
+
+
+async def _run(config: Config, config_path: Path) -> int:
+    from sidecar.admin import start_admin
+    from sidecar.engine import Daemon
+    from sidecar.proxy.credentials import CredentialsUnavailable
+
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    daemon = Daemon(config)
+    loop = asyncio.get_running_loop()
+    try:
+        await daemon.start()
+    except CredentialsUnavailable as exc:
+        logger.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+    except OSError as exc:
+        logger.error("cannot start: %s", exc)
+        return EXIT_FAILED
+    admin = await start_admin(daemon)
+
+    def reload() -> None:
+        try:
+            new = load_config(config_path)
+        except ConfigError as exc:
+            logger.error("SIGHUP: config not reloaded, keeping the running one: %s", "; ".join(exc.problems))
+            return
+        daemon.reload(new)
+
+    loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    logger.info("ddb-sidecar running: stable address %s, admin http://%s", config.listen, config.admin)
+    await daemon.stopped.wait()
+    logger.info("stopping: draining in-flight requests")
+    daemon.stopped.clear()
+    await admin.cleanup()
+    await daemon.stop()
+    return EXIT_OK
+
+
+def _admin_get(config: Config, path: str, timeout: float = 5.0) -> Any:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{config.admin}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback admin API
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        click.echo(f"ddb-sidecar is not answering on {url}: {getattr(exc, 'reason', exc)}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="The raw status document.")
+def status(config_path: Path, as_json: bool) -> None:
+    """Ask the running daemon: active region, health, weights, lag, mode, recent events."""
+    config = _load(config_path, check_environment=False)
+    doc = _admin_get(config, "/status")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"active region: {doc.get('active_region') or 'NONE'}    mode: {doc.get('mode')}")
+    click.echo(f"{'region':<16}{'state':<9}{'weight':>7}{'latency':>10}  cause")
+    for r in doc.get("regions", []):
+        latency = f"{r['latency_ms']:.1f}ms" if r.get("latency_ms") is not None else "-"
+        weight = "?" if r.get("weight") is None else str(r["weight"])
+        click.echo(f"{r['name']:<16}{r['state']:<9}{weight:>7}{latency:>10}  {r.get('cause') or ''}")
+    hp = doc.get("haproxy", {})
+    if hp.get("weights_error"):
+        click.echo(f"haproxy: {hp['weights_error']}")
+    lag = doc.get("replication", {}).get("lag_ms")
+    click.echo(f"replication: {doc.get('replication', {}).get('mode')}, lag {'unknown' if lag is None else f'{lag} ms'}")
+    events = doc.get("events", [])[:10]
+    if events:
+        click.echo("recent events:")
+        for e in events:
+            click.echo(f"  {e['at']}  {e['kind']:<12} {e['reason']}")
+
+
+@main.command()
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--base-port", type=int, default=18000, show_default=True, help="First of the demo's loopback ports.")
+def demo(duration: float | None, workdir: Path | None, base_port: int) -> None:
+    """Two local DynamoDB regions, HAProxy, the sidecar and a client, all on loopback."""
+    from sidecar.demo import run_demo
+
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(run_demo(duration=duration, workdir=workdir, base_port=base_port))

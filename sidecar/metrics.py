@@ -1,0 +1,76 @@
+"""Prometheus metrics, built from the data path's plain counters when /metrics is scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from sidecar.engine import Daemon
+
+_STATE = {"up": 1.0, "down": 0.0, "unknown": -1.0}
+
+
+class DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        regions = self.daemon.regions
+        requests = CounterMetricFamily(
+            "ddb_sidecar_requests", "Client requests by region, operation and HTTP status", labels=["region", "operation", "status"]
+        )
+        refused = CounterMetricFamily(
+            "ddb_sidecar_refused_requests", "Requests refused by the sidecar before reaching a region", labels=["region", "reason"]
+        )
+        upstream_errors = CounterMetricFamily(
+            "ddb_sidecar_upstream_errors", "Requests that got no response from the region", labels=["region", "kind"]
+        )
+        latency = HistogramMetricFamily(
+            "ddb_sidecar_upstream_latency_seconds", "Time from sending a request to the region to its full response", labels=["region"]
+        )
+        in_flight = GaugeMetricFamily("ddb_sidecar_in_flight_requests", "Requests waiting for the region", labels=["region"])
+        connections = GaugeMetricFamily(
+            "ddb_sidecar_upstream_connections", "Open upstream connections", labels=["region", "state"]
+        )
+        connects = CounterMetricFamily("ddb_sidecar_upstream_connects", "Upstream connections opened", labels=["region"])
+        state = GaugeMetricFamily("ddb_sidecar_region_up", "Region health: 1 up, 0 down, -1 unknown", labels=["region"])
+        probe = GaugeMetricFamily("ddb_sidecar_probe_latency_seconds", "Latency of the last health probe", labels=["region"])
+        weight = GaugeMetricFamily("ddb_sidecar_desired_weight", "The weight the sidecar wants HAProxy to use", labels=["region"])
+        for name, runtime in regions.items():
+            stats = runtime.stats
+            for (operation, status), n in list(stats.requests.items()):
+                requests.add_metric([name, operation, str(status)], n)
+            for reason, n in list(stats.refused.items()):
+                refused.add_metric([name, reason], n)
+            for kind, n in list(stats.upstream_errors.items()):
+                upstream_errors.add_metric([name, kind], n)
+            hist = stats.upstream_latency
+            latency.add_metric([name], hist.cumulative(), hist.total)
+            in_flight.add_metric([name], stats.in_flight)
+            connections.add_metric([name, "idle"], runtime.pool.idle)
+            connections.add_metric([name, "total"], runtime.pool.size)
+            connects.add_metric([name], runtime.pool.stats.connects)
+            state.add_metric([name], _STATE.get(runtime.health.state, -1.0))
+            if runtime.health.latency_ms is not None:
+                probe.add_metric([name], runtime.health.latency_ms / 1000)
+            weight.add_metric([name], self.daemon.weights.get(name, 0))
+        yield from (requests, refused, upstream_errors, latency, in_flight, connections, connects, state, probe, weight)
+        if self.daemon.haproxy is not None:
+            restarts = CounterMetricFamily("ddb_sidecar_haproxy_restarts", "Times the supervised HAProxy was restarted")
+            restarts.add_metric([], self.daemon.haproxy.restarts)
+            yield restarts
+
+
+def metrics_registry(daemon: Daemon) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(daemon))
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

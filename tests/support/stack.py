@@ -1,0 +1,191 @@
+"""The whole product for tests: `ddb-sidecar run` as a real process, with its own supervised HAProxy.
+
+The sidecar gets its AWS credentials the way an operator's would (environment variables of the process),
+its regions are moto processes, and the config is a real sidecar.yaml written to a short temporary folder
+(unix socket paths have a 100-byte limit).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import boto3
+import yaml
+from botocore.config import Config as BotoConfig
+
+from .moto_region import ONE_ATTEMPT, MotoRegion
+from .ports import free_port
+from .processes import ManagedProcess
+from .wait import wait_until
+
+SIDECAR = Path(sys.executable).parent / "ddb-sidecar"
+HEALTH_TABLE = "ddb-sidecar-health"
+
+
+def isolated_aws_env(access_key: str, secret: str, region: str = "us-east-1") -> dict[str, str]:
+    """Environment for a process that must see only these credentials, not the machine's AWS config."""
+    return {
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": region,
+        "AWS_REGION": region,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+class SidecarStack:
+    """A sidecar process (with HAProxy as its child) in front of the given regions."""
+
+    def __init__(
+        self,
+        regions: Sequence[MotoRegion],
+        tables: Sequence[str],
+        log_dir: str | Path,
+        *,
+        endpoints: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="sc"))
+        self.listen_port = free_port()
+        self.admin_port = free_port()
+        self.stats_port = free_port()
+        self.region_ports = {r.name: free_port() for r in regions}
+        self.regions = list(regions)
+        endpoints = endpoints or {}
+        self.config: dict[str, Any] = {
+            "listen": f"127.0.0.1:{self.listen_port}",
+            "regions": [
+                {
+                    "name": r.name,
+                    "endpoint": endpoints.get(r.name, r.endpoint),
+                    "proxy": f"127.0.0.1:{self.region_ports[r.name]}",
+                }
+                for r in regions
+            ],
+            "tables": list(tables),
+            "health": {"table": HEALTH_TABLE, "interval": "250ms", "timeout": "400ms", "fall": 2, "rise": 2},
+            "haproxy": {"manage": True, "stats": f"127.0.0.1:{self.stats_port}"},
+            "admin": f"127.0.0.1:{self.admin_port}",
+            "state_dir": "run",
+            "logging": {"level": "info"},
+        }
+        for key, value in (extra or {}).items():
+            self.config[key] = value
+        self.config_path = self.workdir / "sidecar.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        creds = regions[0].credentials
+        self.env = {
+            **_base_env(),
+            **isolated_aws_env(creds.access_key_id, creds.secret_access_key),
+            **(env or {}),
+        }
+        self.process = ManagedProcess(
+            f"sidecar-{self.listen_port}",
+            [SIDECAR, "run", "-c", self.config_path],
+            log_dir,
+            env=self.env,
+            cwd=self.workdir,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listen_port}"
+
+    def region_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.region_ports[name]}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, timeout: float = 30.0) -> SidecarStack:
+        self.process.start()
+        try:
+            wait_until(
+                self._ready,
+                timeout,
+                interval=0.05,
+                message="sidecar and HAProxy answering",
+                ignore=(OSError,),
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        self.process.check_running()
+        status = self.status()
+        if status.get("haproxy", {}).get("weights_error"):
+            return False
+        with urllib.request.urlopen(f"{self.url}/ddb-sidecar/health", timeout=1.0):
+            pass  # HAProxy answers on the stable address (any status is fine: it routes)
+        return True
+
+    def wait_regions_up(self, timeout: float = 15.0) -> None:
+        def all_up() -> bool:
+            return all(r["state"] == "up" for r in self.status()["regions"])
+
+        wait_until(all_up, timeout, message="every region up", ignore=(OSError,))
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.admin_url}/status", timeout=2.0) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"{self.admin_url}/metrics", timeout=2.0) as resp:
+            return str(resp.read().decode())
+
+    def client(self, url: str | None = None, region: str = "us-east-1", **config: Any) -> Any:
+        """A boto3 DynamoDB client of the app: any credentials, pointed at the stable address."""
+        return boto3.session.Session().client(
+            "dynamodb",
+            endpoint_url=url or self.url,
+            region_name=region,
+            aws_access_key_id=config.pop("access_key", "AKIAAPPEXAMPLE000001"),
+            aws_secret_access_key=config.pop("secret_key", "app-secret-not-used-upstream"),
+            config=BotoConfig(retries=config.pop("retries", ONE_ATTEMPT), **config),
+        )
+
+    def stop(self) -> int | None:
+        code = self.process.stop(timeout=10.0)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return code
+
+    def __enter__(self) -> SidecarStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+    return {k: v for k, v in os.environ.items() if k in keep}
+
+
+def raw_post(
+    url: str, body: bytes, headers: Mapping[str, str], timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """POST without any SDK: for malformed requests an SDK would refuse to send."""
+    request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, dict(err.headers), err.read()

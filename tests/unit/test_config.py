@@ -1,0 +1,136 @@
+"""Config loading: defaults, durations, relative paths, and every problem reported with its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.config import Address, ConfigError, load_config, parse_duration
+
+MINIMAL = {
+    "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101"}, {"name": "eu-west-1", "proxy": "127.0.0.1:8102"}],
+    "tables": ["orders"],
+}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def problems(tmp_path: Path, data: object) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data))
+    return err.value.problems
+
+
+def test_minimal_config_gets_interface_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.listen == Address("127.0.0.1", 8000)
+    assert config.home.name == "us-east-1"
+    assert config.home.url == "https://dynamodb.us-east-1.amazonaws.com"
+    assert config.health.interval == 1.0 and config.health.timeout == 0.8
+    assert (config.health.fall, config.health.rise) == (3, 3)
+    assert config.failover.hold_down == 60.0 and config.failover.failback == "manual"
+    assert config.haproxy.manage is True and config.haproxy.backend == "dynamodb"
+    assert config.admin == Address("127.0.0.1", 8405)
+    assert config.replication.mode == "global-tables"
+    assert config.proxy.allow_control_plane is False
+
+
+def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "tpl").mkdir()
+    (tmp_path / "tpl" / "h.j2").write_text("x")
+    config = load_config(write(tmp_path, {**MINIMAL, "state_dir": "state", "haproxy": {"template": "tpl/h.j2"}}))
+    assert config.state_dir == tmp_path / "state"
+    assert config.haproxy.template == tmp_path / "tpl" / "h.j2"
+    assert config.haproxy.config == tmp_path / "run" / "haproxy.cfg"
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("800ms", 0.8), ("1s", 1.0), ("2m", 120.0), (3, 3.0), ("1.5s", 1.5)])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["1x", "fast", "", "-1s", "0s", True, None])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+def test_every_problem_reported_with_its_path(tmp_path: Path) -> None:
+    data = {
+        "regions": [
+            {"name": "us-east-1", "proxy": "127.0.0.1:8101"},
+            {"name": "eu-west-1", "proxy": "127.0.0.1:8101"},
+            {"name": "us-east-1", "proxy": "127.0.0.1:8103"},
+        ],
+        "tables": ["orders", "orders", "x"],
+        "health": {"interval": "1x", "colour": "red"},
+        "haproxy": {"template": "missing.j2"},
+        "listen": "127.0.0.1:8405",
+    }
+    found = problems(tmp_path, data)
+    expected = [
+        "regions[1].proxy: port 8101 already used by regions[0].proxy",
+        "regions[2].name: us-east-1 already listed as regions[0]",
+        "tables[1]: orders listed twice",
+        "tables[2]:",
+        "health.interval: malformed duration",
+        "health.colour: unknown key",
+        "admin: port 8405 already used by listen",
+    ]
+    for prefix in expected:
+        assert any(p.startswith(prefix) for p in found), (prefix, found)
+
+
+def test_missing_template_reported(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**MINIMAL, "haproxy": {"template": "nope.j2"}})
+    assert any(p.startswith("haproxy.template:") and "not found" in p for p in found)
+
+
+def test_no_open_signing_proxy(tmp_path: Path) -> None:
+    found = problems(tmp_path, {**MINIMAL, "listen": "0.0.0.0:8000"})
+    assert any(p.startswith("listen:") and "clients" in p for p in found)
+    found = problems(tmp_path, {**MINIMAL, "admin": "0.0.0.0:9000"})
+    assert any(p.startswith("admin:") for p in found)
+
+
+def test_plain_http_endpoint_only_on_loopback(tmp_path: Path) -> None:
+    data = {**MINIMAL, "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101", "endpoint": "http://example.com"}]}
+    found = problems(tmp_path, data)
+    assert any(p.startswith("regions[0].endpoint:") and "https" in p for p in found)
+    ok = {**MINIMAL, "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101", "endpoint": "http://127.0.0.1:5000"}]}
+    assert load_config(write(tmp_path, ok)).home.url == "http://127.0.0.1:5000"
+
+
+def test_clients_need_their_secret_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {**MINIMAL, "clients": [{"access_key_id": "AKIAAPPCLIENT0000001", "secret_access_key_env": "APP_SECRET"}]}
+    monkeypatch.delenv("APP_SECRET", raising=False)
+    found = problems(tmp_path, data)
+    assert any(p.startswith("clients[0].secret_access_key_env:") and "APP_SECRET" in p for p in found)
+    monkeypatch.setenv("APP_SECRET", "s3cr3t")
+    config = load_config(write(tmp_path, data))
+    assert config.client_secrets() == {"AKIAAPPCLIENT0000001": "s3cr3t"}
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    found = problems(tmp_path, "regions: [\n")
+    assert found and "YAML" in found[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "absent.yaml")
+    assert "not found" in err.value.problems[0]
+
+
+def test_required_keys(tmp_path: Path) -> None:
+    found = problems(tmp_path, {})
+    assert "regions: required" in found and "tables: required" in found
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "sidecar.yaml"
+    config = load_config(example)
+    assert config.home.name == "us-east-1"
