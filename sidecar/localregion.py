@@ -1,0 +1,142 @@
+"""A local DynamoDB-compatible "region" for the demo and the tests: one `moto_server` process.
+
+Signature checking is on (INITIAL_NO_AUTH_ACTION_COUNT=3): the three free calls create an IAM user, its
+key and a `dynamodb:*` policy, and every later call must be signed like at AWS. Seeding moto's random
+generator with the same value in every process makes them all produce the same key (IAM is global).
+moto is a development dependency (`pip install ddb-sidecar[dev]`); nothing in the daemon imports this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, NamedTuple
+
+DEFAULT_SEED = 4242
+IAM_USER = "ddb-sidecar"
+DYNAMODB_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "dynamodb:*", "Resource": "*"}],
+}
+
+
+class Key(NamedTuple):
+    access_key_id: str
+    secret_access_key: str
+
+
+def moto_server_binary() -> str:
+    beside = Path(sys.executable).parent / "moto_server"
+    found = str(beside) if beside.exists() else shutil.which("moto_server")
+    if not found:
+        raise RuntimeError("moto_server not found: install the demo extras (`pip install 'ddb-sidecar[dev]'`)")
+    return found
+
+
+class LocalRegion:
+    def __init__(self, name: str, port: int, log_path: Path) -> None:
+        self.name = name
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.key: Key | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> LocalRegion:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [moto_server_binary(), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                start_new_session=True,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"moto_server for {self.name} exited; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1.0):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"moto_server for {self.name} did not answer within {timeout:g}s") from None
+                time.sleep(0.05)
+
+    def bootstrap(self, seed: int = DEFAULT_SEED) -> Key:
+        import boto3
+        from botocore.config import Config
+
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/seed?a={seed}", method="POST")
+        with urllib.request.urlopen(request, timeout=5.0):
+            pass
+        iam = boto3.session.Session().client(
+            "iam",
+            endpoint_url=self.endpoint,
+            region_name=self.name,
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+        )
+        with contextlib.closing(iam):
+            iam.create_user(UserName=IAM_USER)
+            key = iam.create_access_key(UserName=IAM_USER)["AccessKey"]
+            iam.put_user_policy(UserName=IAM_USER, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY))
+        self.key = Key(key["AccessKeyId"], key["SecretAccessKey"])
+        return self.key
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        assert self.key is not None, "bootstrap() first"
+        return boto3.session.Session().client(
+            "dynamodb",
+            endpoint_url=self.endpoint,
+            region_name=self.name,
+            aws_access_key_id=self.key.access_key_id,
+            aws_secret_access_key=self.key.secret_access_key,
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+        )
+
+    def create_table(self, name: str, pk: str = "pk", sk: str | None = None) -> None:
+        attributes = [{"AttributeName": pk, "AttributeType": "S"}]
+        schema = [{"AttributeName": pk, "KeyType": "HASH"}]
+        if sk:
+            attributes.append({"AttributeName": sk, "AttributeType": "S"})
+            schema.append({"AttributeName": sk, "KeyType": "RANGE"})
+        client = self.client()
+        with contextlib.closing(client):
+            client.create_table(
+                TableName=name, AttributeDefinitions=attributes, KeySchema=schema, BillingMode="PAY_PER_REQUEST"
+            )
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            proc.wait(timeout)

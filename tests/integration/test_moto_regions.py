@@ -1,0 +1,133 @@
+"""The moto region fixture itself: two separate, signature-checking DynamoDB regions.
+
+Also pins down the moto behaviours the sidecar's tests rely on (see FIELD-NOTES, "moto as a DynamoDB
+region"): which region a request is served from, and what a bad or missing signature gets.
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials as BotoCredentials
+from botocore.exceptions import ClientError
+
+from tests.support.moto_region import MotoRegion
+
+A, B = "us-east-1", "eu-west-1"
+
+
+def raw_call(
+    region: MotoRegion, operation: str, body: bytes, host: str | None, sign_for: str | None
+) -> tuple[int, bytes]:
+    """POST to `region`'s endpoint with the given Host header, signed for `sign_for` (None: unsigned)."""
+    host = host or f"127.0.0.1:{region.port}"
+    headers = {"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": f"DynamoDB_20120810.{operation}"}
+    if sign_for is not None:
+        request = AWSRequest(method="POST", url=f"http://{host}/", data=body, headers=headers)
+        SigV4Auth(BotoCredentials(*region.credentials), "dynamodb", sign_for).add_auth(request)
+        headers = dict(request.headers.items())
+    conn = http.client.HTTPConnection("127.0.0.1", region.port, timeout=10)
+    try:
+        conn.request("POST", "/", body=body, headers={**headers, "Host": host})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def table_in_both(moto_regions: dict[str, MotoRegion], table_name: str) -> Iterator[str]:
+    """The same table name in both regions, each holding one item saying where it lives."""
+    for name, region in moto_regions.items():
+        region.create_table(table_name)
+        region.client().put_item(TableName=table_name, Item={"pk": {"S": "k"}, "where": {"S": name}})
+    yield table_name
+    for region in moto_regions.values():
+        region.client().delete_table(TableName=table_name)
+
+
+def test_both_regions_up_with_one_global_key(moto_regions: dict[str, MotoRegion]) -> None:
+    assert set(moto_regions) == {A, B}
+    assert moto_regions[A].endpoint != moto_regions[B].endpoint
+    assert moto_regions[A].credentials == moto_regions[B].credentials  # seeded IAM: like global IAM
+    for region in moto_regions.values():
+        assert region.running
+        assert region.client().list_tables()["ResponseMetadata"]["HTTPStatusCode"] == 200
+
+
+def test_regions_hold_separate_data(moto_regions: dict[str, MotoRegion], table_name: str) -> None:
+    a, b = moto_regions[A], moto_regions[B]
+    a.create_table(table_name)
+    try:
+        a.client().put_item(TableName=table_name, Item={"pk": {"S": "only-in-a"}})
+        assert a.client().get_item(TableName=table_name, Key={"pk": {"S": "only-in-a"}})["Item"]
+        assert table_name not in b.client().list_tables()["TableNames"]
+
+        b.create_table(table_name)
+        try:
+            assert "Item" not in b.client().get_item(TableName=table_name, Key={"pk": {"S": "only-in-a"}})
+        finally:
+            b.client().delete_table(TableName=table_name)
+    finally:
+        a.client().delete_table(TableName=table_name)
+
+
+@pytest.mark.parametrize("name", [A, B])
+@pytest.mark.parametrize(
+    ("credentials", "code"),
+    [
+        (None, "SignatureDoesNotMatch"),  # the real key id with a wrong secret
+        (("AKIAUNKNOWNKEY000000", "whatever"), "InvalidClientTokenId"),
+    ],
+)
+def test_bad_signature_gets_403_xml(
+    moto_regions: dict[str, MotoRegion], name: str, credentials: tuple[str, str] | None, code: str
+) -> None:
+    region = moto_regions[name]
+    bad = credentials or (region.credentials.access_key_id, "not-the-secret")
+    with pytest.raises(ClientError) as caught:
+        region.client(credentials=bad).list_tables()
+    response: Any = caught.value.response
+    # moto answers 403 with an XML body; real DynamoDB answers 400 with JSON. botocore expects JSON here,
+    # so the error code it reports is just "403" and the XML ends up in the message.
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    assert f"<Code>{code}</Code>" in response["Error"]["Message"]
+
+
+def test_unsigned_request_gets_500(moto_regions: dict[str, MotoRegion]) -> None:
+    status, _ = raw_call(moto_regions[A], "ListTables", b"{}", host=None, sign_for=None)
+    assert status == 500  # a moto quirk: no Authorization header is a server error, not a 4xx
+
+
+def test_signed_for_a_but_sent_to_b_is_served_by_b(
+    moto_regions: dict[str, MotoRegion], table_in_both: str
+) -> None:
+    """Accepted, but served from B's process: from its store for region A, which is empty."""
+    b = moto_regions[B]
+    misdirected = b.client(region=A)  # credential scope says us-east-1, endpoint is eu-west-1's process
+    assert table_in_both not in misdirected.list_tables()["TableNames"]
+    with pytest.raises(ClientError) as caught:
+        misdirected.get_item(TableName=table_in_both, Key={"pk": {"S": "k"}})
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    # Never A's data: a 200 status alone proves nothing about which region answered.
+
+
+def test_host_header_wins_over_credential_scope(
+    moto_regions: dict[str, MotoRegion], table_in_both: str
+) -> None:
+    """Signed for A, but with B's AWS host name, sent to B's process: served from B's tables."""
+    b = moto_regions[B]
+    body = f'{{"TableName": "{table_in_both}", "Key": {{"pk": {{"S": "k"}}}}}}'.encode()
+    status, data = raw_call(b, "GetItem", body, host=f"dynamodb.{B}.amazonaws.com", sign_for=A)
+    assert status == 200, data
+    assert b'"where": {"S": "eu-west-1"}' in data
+
+    # The sidecar's way: signed for the region and its host name, Host sent as signed.
+    status, data = raw_call(b, "GetItem", body, host=f"dynamodb.{B}.amazonaws.com", sign_for=B)
+    assert status == 200, data
+    assert b'"where": {"S": "eu-west-1"}' in data
