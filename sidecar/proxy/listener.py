@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from sidecar.core import errors
 from sidecar.core.errors import DynamoError
 from sidecar.core.gate import Admitted, GatePolicy, admit
 from sidecar.core.operations import OpKind
@@ -26,7 +27,6 @@ from sidecar.proxy.sigv4 import ClientVerifier, Credentials, DynamoDBRequestSign
 from sidecar.proxy.stats import RegionStats
 from sidecar.proxy.upstream import (
     UpstreamError,
-    UpstreamFailed,
     UpstreamPool,
     UpstreamResponse,
     UpstreamTimeout,
@@ -95,7 +95,7 @@ class RegionRuntime:
 
 
 class _Request:
-    __slots__ = ("admitted", "body", "headers", "keep_alive", "method", "too_large", "url")
+    __slots__ = ("admitted", "body", "headers", "keep_alive", "method", "size", "too_large", "url")
 
     def __init__(self) -> None:
         self.method = b""
@@ -104,6 +104,7 @@ class _Request:
         self.body: list[bytes] = []
         self.keep_alive = True
         self.too_large = False
+        self.size = 0
         self.admitted: Admitted | None = None
 
 
@@ -186,7 +187,8 @@ class RegionListener(asyncio.Protocol):
             lname = name.lower()
             if lname == b"content-length":
                 try:
-                    req.too_large = int(value) > limit
+                    req.size = int(value)
+                    req.too_large = req.size > limit
                 except ValueError:
                     pass  # llhttp already rejects a malformed Content-Length
             elif lname == b"expect" and value.lower() == b"100-continue" and self.transport is not None:
@@ -198,8 +200,10 @@ class RegionListener(asyncio.Protocol):
         if req.too_large:
             return
         req.body.append(body)
-        if sum(map(len, req.body)) > self.region.policy().gate.max_body_bytes:
+        received = sum(map(len, req.body))
+        if received > self.region.policy().gate.max_body_bytes:
             req.too_large = True
+            req.size = max(req.size, received)
             req.body.clear()
 
     def on_message_complete(self) -> None:
@@ -230,21 +234,11 @@ class RegionListener(asyncio.Protocol):
                 self._write(_HEALTH_UP if region.health.healthy else _HEALTH_DOWN, req.keep_alive)
                 return
         if req.method != b"POST" or path != b"/":
-            self._refuse(req, DynamoError(404, "UnknownOperationException", _not_found_message(req)), "route")
+            self._refuse(req, errors.not_found(req.url.decode("latin-1")), "route")
             return
         policy = region.policy()
         if req.too_large:
-            self._refuse(
-                req,
-                DynamoError(
-                    413,
-                    "RequestEntityTooLargeException",
-                    f"request body larger than {policy.gate.max_body_bytes} bytes "
-                    "(proxy.max_body_bytes; DynamoDB's own limit is 16 MB)",
-                ),
-                "too_large",
-                close=True,
-            )
+            self._refuse(req, errors.body_too_large(req.size, policy.gate.max_body_bytes), "too_large", close=True)
             return
         body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
         target: str | None = None
@@ -262,7 +256,7 @@ class RegionListener(asyncio.Protocol):
                 time.time(),
             )
             if failure is not None:
-                self._refuse(req, DynamoError(400, failure.code, failure.message), "auth")
+                self._refuse(req, _auth_error(failure.code, failure.message), "auth")
                 return
         decision = admit(policy.gate, target, body)
         if isinstance(decision, DynamoError):
@@ -284,7 +278,7 @@ class RegionListener(asyncio.Protocol):
                 self._write_response(response, req.keep_alive)
             else:
                 assert error is not None
-                err = _upstream_error(region.name, error)
+                err = _upstream_error(region.name, error, region.pool.request_timeout)
                 region.stats.upstream_errors[type(error).__name__] += 1
                 region.stats.requests[(decision.operation.name, err.status)] += 1
                 self._write(_error_response(err, close=not req.keep_alive), req.keep_alive)
@@ -325,27 +319,17 @@ class RegionListener(asyncio.Protocol):
                 self.transport.close()
 
 
-def _not_found_message(req: _Request) -> str:
-    return (
-        f"{req.method.decode(errors='replace')} {req.url[:100].decode(errors='replace')} is not served here: "
-        "ddb-sidecar serves the DynamoDB JSON API (POST / with X-Amz-Target) and GET /ddb-sidecar/health"
-    )
+def _auth_error(code: str, message: str) -> DynamoError:
+    if code == "MissingAuthenticationTokenException":
+        return errors.missing_auth()
+    if code == "UnrecognizedClientException":
+        return errors.unrecognized_client()
+    return errors.invalid_signature(message)
 
 
-def _upstream_error(region: str, error: UpstreamError) -> DynamoError:
-    ns = "com.amazonaws.dynamodb.v20120810"
+def _upstream_error(region: str, error: UpstreamError, timeout: float) -> DynamoError:
     if not error.sent:
-        return DynamoError(
-            503,
-            "ServiceUnavailableException",
-            f"region {region} unreachable ({error.detail}); the request was not sent, it is safe to retry",
-            ns,
-        )
+        return errors.region_unreachable(region, error.detail)
     if isinstance(error, UpstreamTimeout):
-        return DynamoError(
-            500, "InternalServerError", f"region {region}: {error.detail}; the request may have been applied", ns
-        )
-    assert isinstance(error, UpstreamFailed | UpstreamError)
-    return DynamoError(
-        500, "InternalServerError", f"region {region}: {error.detail}; the request may have been applied", ns
-    )
+        return errors.upstream_timeout(region, timeout)
+    return errors.upstream_failed(region, error.detail)

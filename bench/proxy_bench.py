@@ -1,0 +1,294 @@
+"""`make bench`: what the sidecar costs on the data path, measured against HAProxy alone in the same run.
+
+Set-up, all on 127.0.0.1:
+- a stub DynamoDB: an HAProxy frontend answering every request with a fixed ~300-byte GetItem response and
+  its correct x-amz-crc32 (HAProxy is the fastest stub at hand, ~20 µs per request);
+- baseline: wrk -> HAProxy -> stub;
+- product: wrk -> the sidecar's own rendered HAProxy (stable address) -> region listener -> re-signed ->
+  stub.
+wrk sends keep-alive POSTs with a 1 KB DynamoDB body. We report req/s and p50/p99 for both, their ratio,
+the sidecar's CPU µs per request (from /proc utime+stime over the run) and its resident memory after.
+Machines here are shared and noisy: the ratio, measured back to back, is the number to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.haproxy.binary import find_haproxy
+
+TABLE = "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def stub_body() -> bytes:
+    item = {"Item": {"pk": {"S": "bench-item-000001"}, "sk": {"S": "2026-11-26T16:00:00Z"},
+                     "payload": {"S": "x" * 180}, "qty": {"N": "3"}}}
+    return json.dumps(item, separators=(",", ":")).encode()
+
+
+def request_body() -> bytes:
+    body = {"TableName": TABLE, "Key": {"pk": {"S": "bench-item-000001"}, "sk": {"S": "2026-11-26T16:00:00Z"}},
+            "ProjectionExpression": "pk, sk, payload, qty", "ConsistentRead": True,
+            "ReturnConsumedCapacity": "NONE", "ExpressionAttributeNames": {}}
+    raw = json.dumps(body, separators=(",", ":"))
+    # Pad to 1 KB with a harmless attribute-name map entry.
+    pad = 1024 - len(raw) - len(',"#p":""')
+    body["ExpressionAttributeNames"] = {"#p": "p" * max(pad, 0)}
+    out = json.dumps(body, separators=(",", ":")).encode()
+    return out
+
+
+def haproxy_cfg_stub(port: int, body: bytes) -> str:
+    crc = zlib.crc32(body) & 0xFFFFFFFF
+    return f"""global
+    maxconn 20000
+defaults
+    mode http
+    timeout client 30s
+    timeout server 30s
+    timeout connect 2s
+frontend stub
+    bind 127.0.0.1:{port}
+    http-request return status 200 content-type application/x-amz-json-1.0 hdr x-amz-crc32 {crc} hdr x-amzn-RequestId BENCHREQUESTID0000000000000000000000000000000000 string '{body.decode()}'
+"""
+
+
+def haproxy_cfg_direct(port: int, stub: int) -> str:
+    return f"""global
+    maxconn 20000
+defaults
+    mode http
+    timeout client 30s
+    timeout server 30s
+    timeout connect 2s
+frontend direct
+    bind 127.0.0.1:{port}
+    default_backend stub
+backend stub
+    server stub 127.0.0.1:{stub}
+"""
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout}s") from None
+            time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = io.open("{body}", "rb"):read("*a")
+wrk.headers["Content-Type"] = "application/x-amz-json-1.0"
+wrk.headers["X-Amz-Target"] = "DynamoDB_20120810.GetItem"
+wrk.headers["Authorization"] = "AWS4-HMAC-SHA256 Credential=AKIAAPP/20261126/us-east-1/dynamodb/aws4_request, SignedHeaders=host, Signature=00"
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {{\\"requests\\": %d, \\"errors\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, \\"non2xx\\": %d}}\\n",
+    summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.duration, latency:percentile(50), latency:percentile(99), summary.errors.status))
+end
+"""
+
+
+def run_wrk(url: str, script: Path, seconds: float, connections: int) -> dict[str, Any]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, timeout=seconds + 60,
+    )
+    match = re.search(r"^JSON (\{.*\})$", out.stdout, re.M)
+    if not match:
+        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    data: dict[str, Any] = json.loads(match.group(1))
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    return data
+
+
+def run_python_load(url: str, body: bytes, seconds: float, connections: int) -> dict[str, Any]:
+    """A fallback load generator when wrk is not installed: asyncio keep-alive clients (slower than wrk)."""
+    import asyncio
+
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    head = (f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-amz-json-1.0\r\n"
+            f"X-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(deadline: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            writer.write(head + body)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if b" 200 " not in status:
+                errors += 1
+            latencies.append(time.perf_counter() - t0)
+        writer.close()
+
+    async def main() -> float:
+        start = time.monotonic()
+        await asyncio.gather(*(worker(start + seconds) for _ in range(connections)))
+        return time.monotonic() - start
+
+    duration = asyncio.run(main())
+    latencies.sort()
+    return {"requests": len(latencies), "errors": 0, "non2xx": errors, "rps": len(latencies) / duration,
+            "p50_us": latencies[len(latencies) // 2] * 1e6, "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/sidecar rounds")
+    args = parser.parse_args()
+
+    haproxy = find_haproxy(None)
+    work = Path(tempfile.mkdtemp(prefix="bench"))
+    procs: list[subprocess.Popen[bytes]] = []
+    body = request_body()
+    (work / "body.json").write_bytes(body)
+    script = work / "post.lua"
+    script.write_text(WRK_SCRIPT.format(body=work / "body.json"))
+    use_wrk = shutil.which("wrk") is not None
+
+    def spawn(argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process at the end
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+        log.close()
+        procs.append(proc)
+        return proc
+
+    try:
+        stub_port, direct_port = free_port(), free_port()
+        listen, admin, stats, listener = free_port(), free_port(), free_port(), free_port()
+        (work / "stub.cfg").write_text(haproxy_cfg_stub(stub_port, stub_body()))
+        (work / "direct.cfg").write_text(haproxy_cfg_direct(direct_port, stub_port))
+        spawn([haproxy, "-f", str(work / "stub.cfg")], "stub")
+        spawn([haproxy, "-f", str(work / "direct.cfg")], "direct")
+        config = {
+            "listen": f"127.0.0.1:{listen}",
+            "regions": [{"name": "us-east-1", "endpoint": f"http://127.0.0.1:{stub_port}", "proxy": f"127.0.0.1:{listener}"}],
+            "tables": [TABLE],
+            "health": {"table": TABLE},
+            "haproxy": {"manage": True, "stats": f"127.0.0.1:{stats}"},
+            "admin": f"127.0.0.1:{admin}",
+            "logging": {"level": "warning"},
+        }
+        (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIABENCH00000000001", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        env.pop("AWS_SESSION_TOKEN", None)
+        sidecar = spawn([str(Path(sys.executable).parent / "ddb-sidecar"), "run", "-c", str(work / "sidecar.yaml")],
+                        "sidecar", env)
+        wait_http(f"http://127.0.0.1:{direct_port}/")
+        wait_http(f"http://127.0.0.1:{admin}/status")
+        wait_http(f"http://127.0.0.1:{listen}/")
+
+        def load(url: str) -> dict[str, Any]:
+            if use_wrk:
+                return run_wrk(url, script, args.seconds, args.connections)
+            return run_python_load(url, body, args.seconds, args.connections)
+
+        load(f"http://127.0.0.1:{listen}/")  # warm-up: connections, caches
+        results: dict[str, list[dict[str, Any]]] = {"direct": [], "sidecar": []}
+        for _ in range(args.rounds):
+            results["direct"].append(load(f"http://127.0.0.1:{direct_port}/"))
+            cpu0 = cpu_seconds(sidecar.pid)
+            run = load(f"http://127.0.0.1:{listen}/")
+            run["cpu_us_per_req"] = (cpu_seconds(sidecar.pid) - cpu0) / max(run["requests"], 1) * 1e6
+            results["sidecar"].append(run)
+        memory = rss_mb(sidecar.pid)
+
+        def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+            return max(rows, key=lambda r: r["rps"])
+
+        direct, through = best(results["direct"]), best(results["sidecar"])
+        cpu = min(r["cpu_us_per_req"] for r in results["sidecar"])
+        ratio = through["rps"] / direct["rps"]
+        tool = "wrk" if use_wrk else "python load generator (wrk not installed)"
+        print(f"\nddb-sidecar data-path benchmark ({tool}, {args.connections} keep-alive connections, "
+              f"1 KB POST bodies, {args.seconds:g}s x {args.rounds} rounds, best round shown)")
+        print(f"{'path':<36}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
+        for name, row in (("HAProxy -> stub (baseline)", direct), ("HAProxy -> sidecar -> stub", through)):
+            print(f"{name:<36}{row['rps']:>10.0f}{row['p50_us'] / 1000:>10.2f}{row['p99_us'] / 1000:>10.2f}{row['non2xx']:>10}")
+        print(f"ratio sidecar/baseline: {ratio:.2f}   (bar >= 0.25, goal >= 0.5)")
+        print(f"sidecar CPU per request: {cpu:.1f} us   (bar <= 150, goal <= 60)")
+        print(f"sidecar resident memory after the run: {memory:.1f} MB   (bar < 100)")
+        if through["non2xx"] or through.get("errors"):
+            print("WARNING: the sidecar path returned errors; see", work / "sidecar.log")
+            return 1
+        return 0
+    finally:
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
