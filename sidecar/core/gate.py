@@ -1,0 +1,92 @@
+"""The admission gate: may this request go upstream? A pure function of the policy, header and body."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from sidecar.core import errors
+from sidecar.core.errors import DynamoError
+from sidecar.core.operations import (
+    Operation,
+    OpKind,
+    RequestShapeError,
+    classify,
+    keys_provably_unique,
+    operation_from_target,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GatePolicy:
+    tables: frozenset[str]
+    allow_control_plane: bool = False
+    max_body_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    operation: Operation
+    kind: OpKind  # effective kind: a PartiQL request of SELECTs only is a READ
+    tables: frozenset[str]
+
+
+def admit(policy: GatePolicy, target: str | None, body: bytes) -> Admitted | DynamoError:
+    """Admit a request, or say (DynamoDB-shaped) why not. Never raises, whatever the bytes."""
+    op = operation_from_target(target)
+    if op is None:
+        return errors.unknown_operation(target)
+    if len(body) > policy.max_body_bytes:
+        return errors.body_too_large(len(body), policy.max_body_bytes)
+    if (op.kind is OpKind.CONTROL or op.kind is OpKind.ACCOUNT) and not policy.allow_control_plane:
+        return errors.control_plane_refused(op.name)
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names the problem and position, never the content
+        return errors.serialization(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
+    if not isinstance(parsed, dict):
+        return errors.serialization("the body is JSON but not an object")
+    try:
+        found = classify(op, parsed)
+    except RequestShapeError as exc:
+        return errors.validation(str(exc))
+    if not keys_provably_unique(found, body) and _has_duplicate(body, found.keys_read):
+        return errors.serialization(
+            "a JSON object in the body repeats a key that names a table or statement; send each key once"
+        )
+    if not found.tables <= policy.tables:
+        return errors.table_not_allowed(found.tables - policy.tables, policy.tables)
+    return Admitted(op, found.kind, found.tables)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _has_duplicate(body: bytes, keys_read: tuple[tuple[bytes, int], ...]) -> bool:
+    """Whether any JSON object in the body repeats one of the keys the classifier read.
+
+    The slow, exact check behind keys_provably_unique's fast proof; only keys that matter are checked,
+    so a repeated attribute name inside an item is left for DynamoDB to judge. A body that the stdlib
+    parser cannot read (orjson could) counts as a duplicate: we refuse what we cannot check.
+    """
+    watched = frozenset(needle[1:-1].decode() for needle, _ in keys_read)
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _value in items:
+            if key in watched:
+                if key in seen:
+                    raise _Duplicate
+                seen.add(key)
+        return {}  # the values are not needed, only the check
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (_Duplicate, ValueError, RecursionError):
+        return True
+    return False
