@@ -134,3 +134,10 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "sidecar.yaml"
     config = load_config(example)
     assert config.home.name == "us-east-1"
+
+
+def test_docker_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "docker" / "sidecar.yaml"
+    config = load_config(example)
+    assert config.haproxy.manage is False
+    assert config.haproxy.runtime_socket == Path("/run/ddb-sidecar/haproxy.sock")
