@@ -294,7 +294,7 @@ class Daemon:
             return None, f"HAProxy runtime socket unavailable: {exc}"
         except Exception as exc:  # a reply we could not parse must not break status
             return None, f"HAProxy runtime API error: {exc}"
-        return {name: s.user_weight for name, s in states.items()}, None
+        return {name: s.weight for name, s in states.items()}, None
 
     async def status(self) -> dict[str, Any]:
         weights, weights_error = await self.haproxy_weights()

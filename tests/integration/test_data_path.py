@@ -84,7 +84,8 @@ def test_boto3_operations_land_in_home_region_only(stack: SidecarStack, orders: 
             {"Update": {
                 "TableName": orders,
                 "Key": {"pk": {"S": pk}, "sk": {"S": "1"}},
-                "UpdateExpression": "SET total = :t",
+                "UpdateExpression": "SET #t = :t",
+                "ExpressionAttributeNames": {"#t": "total"},
                 "ExpressionAttributeValues": {":t": {"N": "43"}},
             }},
         ]
@@ -210,7 +211,9 @@ def test_partiql_on_foreign_table_refused(stack: SidecarStack, orders: str) -> N
         (b"\xff\xfe\x00garbage", {"X-Amz-Target": "DynamoDB_20120810.PutItem"}, "SerializationException"),
     ],
 )
-def test_malformed_requests_get_dynamodb_errors(stack: SidecarStack, body: bytes, headers: dict[str, str], code: str) -> None:
+def test_malformed_requests_get_dynamodb_errors(
+    stack: SidecarStack, body: bytes, headers: dict[str, str], code: str
+) -> None:
     status, resp_headers, resp = raw_post(stack.url, body, {"Content-Type": JSON_CT, **headers})
     assert status == 400
     assert resp_headers["Content-Type"].startswith(JSON_CT)

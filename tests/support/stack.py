@@ -14,6 +14,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,11 @@ class SidecarStack:
         status = self.status()
         if status.get("haproxy", {}).get("weights_error"):
             return False
-        with urllib.request.urlopen(f"{self.url}/ddb-sidecar/health", timeout=1.0):
-            pass  # HAProxy answers on the stable address (any status is fine: it routes)
+        try:
+            with urllib.request.urlopen(f"{self.url}/ddb-sidecar/health", timeout=1.0):
+                pass
+        except urllib.error.HTTPError as err:
+            err.close()  # HAProxy answered on the stable address: any status will do here
         return True
 
     def wait_regions_up(self, timeout: float = 15.0) -> None:
@@ -185,7 +189,7 @@ def raw_post(
     request = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as err:
         with err:
-            return err.code, dict(err.headers), err.read()
+            return err.code, err.headers, err.read()
