@@ -71,7 +71,7 @@ def request_body() -> bytes:
 def haproxy_cfg_stub(port: int, body: bytes) -> str:
     crc = zlib.crc32(body) & 0xFFFFFFFF
     return f"""global
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout client 30s
@@ -85,7 +85,7 @@ frontend stub
 
 def haproxy_cfg_direct(port: int, stub: int) -> str:
     return f"""global
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout client 30s
