@@ -51,15 +51,26 @@ def free_port() -> int:
 
 
 def stub_body() -> bytes:
-    item = {"Item": {"pk": {"S": "bench-item-000001"}, "sk": {"S": "2026-11-26T16:00:00Z"},
-                     "payload": {"S": "x" * 180}, "qty": {"N": "3"}}}
+    item = {
+        "Item": {
+            "pk": {"S": "bench-item-000001"},
+            "sk": {"S": "2026-11-26T16:00:00Z"},
+            "payload": {"S": "x" * 180},
+            "qty": {"N": "3"},
+        }
+    }
     return json.dumps(item, separators=(",", ":")).encode()
 
 
 def request_body() -> bytes:
-    body = {"TableName": TABLE, "Key": {"pk": {"S": "bench-item-000001"}, "sk": {"S": "2026-11-26T16:00:00Z"}},
-            "ProjectionExpression": "pk, sk, payload, qty", "ConsistentRead": True,
-            "ReturnConsumedCapacity": "NONE", "ExpressionAttributeNames": {}}
+    body = {
+        "TableName": TABLE,
+        "Key": {"pk": {"S": "bench-item-000001"}, "sk": {"S": "2026-11-26T16:00:00Z"}},
+        "ProjectionExpression": "pk, sk, payload, qty",
+        "ConsistentRead": True,
+        "ReturnConsumedCapacity": "NONE",
+        "ExpressionAttributeNames": {},
+    }
     raw = json.dumps(body, separators=(",", ":"))
     # Pad to 1 KB with a harmless attribute-name map entry.
     pad = 1024 - len(raw) - len(',"#p":""')
@@ -145,7 +156,9 @@ end
 def run_wrk(url: str, script: Path, seconds: float, connections: int) -> dict[str, Any]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, timeout=seconds + 60,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
     )
     match = re.search(r"^JSON (\{.*\})$", out.stdout, re.M)
     if not match:
@@ -160,8 +173,10 @@ def run_python_load(url: str, body: bytes, seconds: float, connections: int) -> 
     import asyncio
 
     host, port = url.split("//")[1].rstrip("/").split(":")
-    head = (f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-amz-json-1.0\r\n"
-            f"X-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-amz-json-1.0\r\n"
+        f"X-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     latencies: list[float] = []
     errors = 0
 
@@ -189,8 +204,14 @@ def run_python_load(url: str, body: bytes, seconds: float, connections: int) -> 
 
     duration = asyncio.run(main())
     latencies.sort()
-    return {"requests": len(latencies), "errors": 0, "non2xx": errors, "rps": len(latencies) / duration,
-            "p50_us": latencies[len(latencies) // 2] * 1e6, "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6}
+    return {
+        "requests": len(latencies),
+        "errors": 0,
+        "non2xx": errors,
+        "rps": len(latencies) / duration,
+        "p50_us": latencies[len(latencies) // 2] * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+    }
 
 
 def main() -> int:
@@ -210,8 +231,10 @@ def main() -> int:
     use_wrk = shutil.which("wrk") is not None
 
     def spawn(argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process at the end
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+        log = open(work / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True
+        )
         log.close()
         procs.append(proc)
         return proc
@@ -225,7 +248,13 @@ def main() -> int:
         spawn([haproxy, "-f", str(work / "direct.cfg")], "direct")
         config = {
             "listen": f"127.0.0.1:{listen}",
-            "regions": [{"name": "us-east-1", "endpoint": f"http://127.0.0.1:{stub_port}", "proxy": f"127.0.0.1:{listener}"}],
+            "regions": [
+                {
+                    "name": "us-east-1",
+                    "endpoint": f"http://127.0.0.1:{stub_port}",
+                    "proxy": f"127.0.0.1:{listener}",
+                }
+            ],
             "tables": [TABLE],
             "health": {"table": TABLE},
             "haproxy": {"manage": True, "stats": f"127.0.0.1:{stats}"},
@@ -233,12 +262,20 @@ def main() -> int:
             "logging": {"level": "warning"},
         }
         (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "AKIABENCH00000000001", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-               "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-               "AWS_EC2_METADATA_DISABLED": "true"}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "AKIABENCH00000000001",
+            "AWS_SECRET_ACCESS_KEY": "bench-secret",
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
         env.pop("AWS_SESSION_TOKEN", None)
-        sidecar = spawn([str(Path(sys.executable).parent / "ddb-sidecar"), "run", "-c", str(work / "sidecar.yaml")],
-                        "sidecar", env)
+        sidecar = spawn(
+            [str(Path(sys.executable).parent / "ddb-sidecar"), "run", "-c", str(work / "sidecar.yaml")],
+            "sidecar",
+            env,
+        )
         wait_http(f"http://127.0.0.1:{direct_port}/")
         wait_http(f"http://127.0.0.1:{admin}/status")
         wait_http(f"http://127.0.0.1:{listen}/")
@@ -265,11 +302,15 @@ def main() -> int:
         cpu = min(r["cpu_us_per_req"] for r in results["sidecar"])
         ratio = through["rps"] / direct["rps"]
         tool = "wrk" if use_wrk else "python load generator (wrk not installed)"
-        print(f"\nddb-sidecar data-path benchmark ({tool}, {args.connections} keep-alive connections, "
-              f"1 KB POST bodies, {args.seconds:g}s x {args.rounds} rounds, best round shown)")
+        print(
+            f"\nddb-sidecar data-path benchmark ({tool}, {args.connections} keep-alive connections, "
+            f"1 KB POST bodies, {args.seconds:g}s x {args.rounds} rounds, best round shown)"
+        )
         print(f"{'path':<36}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
         for name, row in (("HAProxy -> stub (baseline)", direct), ("HAProxy -> sidecar -> stub", through)):
-            print(f"{name:<36}{row['rps']:>10.0f}{row['p50_us'] / 1000:>10.2f}{row['p99_us'] / 1000:>10.2f}{row['non2xx']:>10}")
+            print(
+                f"{name:<36}{row['rps']:>10.0f}{row['p50_us'] / 1000:>10.2f}{row['p99_us'] / 1000:>10.2f}{row['non2xx']:>10}"
+            )
         print(f"ratio sidecar/baseline: {ratio:.2f}   (bar >= 0.25, goal >= 0.5)")
         print(f"sidecar CPU per request: {cpu:.1f} us   (bar <= 150, goal <= 60)")
         print(f"sidecar resident memory after the run: {memory:.1f} MB   (bar < 100)")

@@ -66,7 +66,9 @@ def validate(config_path: Path) -> None:
 
 @main.command()
 @config_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: haproxy.config.")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: haproxy.config."
+)
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the file differs from the rendering.")
 def render(config_path: Path, output: Path | None, check: bool) -> None:
     """Render haproxy.cfg from the template, validate it with `haproxy -c`, write it atomically."""
@@ -77,7 +79,9 @@ def render(config_path: Path, output: Path | None, check: bool) -> None:
     config = _load(config_path, check_environment=False)
     try:
         binary = find_haproxy(config.haproxy.binary)
-        result = render_to_file(config, out=output, weights=initial_weights(config), check=check, binary=binary)
+        result = render_to_file(
+            config, out=output, weights=initial_weights(config), check=check, binary=binary
+        )
     except HAProxyNotFound as exc:
         click.echo(f"render: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -155,7 +159,7 @@ def _admin_get(config: Config, path: str, timeout: float = 5.0) -> Any:
 
     url = f"http://{config.admin}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback admin API
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return json.loads(resp.read())
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         click.echo(f"ddb-sidecar is not answering on {url}: {getattr(exc, 'reason', exc)}", err=True)
@@ -182,7 +186,9 @@ def status(config_path: Path, as_json: bool) -> None:
     if hp.get("weights_error"):
         click.echo(f"haproxy: {hp['weights_error']}")
     lag = doc.get("replication", {}).get("lag_ms")
-    click.echo(f"replication: {doc.get('replication', {}).get('mode')}, lag {'unknown' if lag is None else f'{lag} ms'}")
+    click.echo(
+        f"replication: {doc.get('replication', {}).get('mode')}, lag {'unknown' if lag is None else f'{lag} ms'}"
+    )
     events = doc.get("events", [])[:10]
     if events:
         click.echo("recent events:")
@@ -191,9 +197,13 @@ def status(config_path: Path, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option(
+    "--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C)."
+)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--base-port", type=int, default=18000, show_default=True, help="First of the demo's loopback ports.")
+@click.option(
+    "--base-port", type=int, default=18000, show_default=True, help="First of the demo's loopback ports."
+)
 def demo(duration: float | None, workdir: Path | None, base_port: int) -> None:
     """Two local DynamoDB regions, HAProxy, the sidecar and a client, all on loopback."""
     from sidecar.demo import run_demo

@@ -44,7 +44,10 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
     from botocore.exceptions import BotoCoreError, ClientError
 
     if not 1024 <= base_port <= 32000:
-        print("--base-port must be between 1024 and 32000 (ports above 32767 are ephemeral here)", file=sys.stderr)
+        print(
+            "--base-port must be between 1024 and 32000 (ports above 32767 are ephemeral here)",
+            file=sys.stderr,
+        )
         return 2
     own_workdir = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="ddbdemo"))
@@ -59,7 +62,8 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
         "moto-eu-west-1": base_port + 202,
     }
     regions = [
-        LocalRegion(name, ports[f"moto-{name}"], work / "logs" / f"moto-{name}.log") for name in ("us-east-1", "eu-west-1")
+        LocalRegion(name, ports[f"moto-{name}"], work / "logs" / f"moto-{name}.log")
+        for name in ("us-east-1", "eu-west-1")
     ]
     sidecar: subprocess.Popen[bytes] | None = None
     print(f"demo: working in {work}")
@@ -75,10 +79,11 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             print(f"  {region.name:<10} {region.endpoint}")
         key = regions[0].key
         assert key is not None
-        config = {
+        config: dict[str, Any] = {
             "listen": f"127.0.0.1:{ports['listen']}",
             "regions": [
-                {"name": r.name, "endpoint": r.endpoint, "proxy": f"127.0.0.1:{ports[r.name]}"} for r in regions
+                {"name": r.name, "endpoint": r.endpoint, "proxy": f"127.0.0.1:{ports[r.name]}"}
+                for r in regions
             ],
             "tables": [TABLE],
             "health": {"table": HEALTH_TABLE, "interval": "500ms", "timeout": "400ms", "fall": 2, "rise": 2},
@@ -115,11 +120,15 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             if status and all(r["state"] == "up" for r in status["regions"]) and status.get("active_region"):
                 break
             if sidecar.poll() is not None or time.monotonic() > deadline:
-                print(f"demo: the sidecar did not come up; see {work / 'logs' / 'sidecar.log'}", file=sys.stderr)
+                print(
+                    f"demo: the sidecar did not come up; see {work / 'logs' / 'sidecar.log'}", file=sys.stderr
+                )
                 return 1
             time.sleep(0.1)
         stable = f"http://127.0.0.1:{ports['listen']}"
-        print(f"demo: stable address {stable}   HAProxy stats http://{config['haproxy']['stats']}/   admin http://{admin}/status")
+        print(
+            f"demo: stable address {stable}   HAProxy stats http://{config['haproxy']['stats']}/   admin http://{admin}/status"
+        )
         print("demo: the client writes and reads orders through the stable address (Ctrl-C to stop)\n")
 
         app = boto3.session.Session().client(
@@ -129,7 +138,9 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             # The app's own credentials: the sidecar strips this signature and signs with its own.
             aws_access_key_id="AKIAPERLAPPEXAMPLE01",
             aws_secret_access_key="the-app-does-not-need-real-aws-keys",
-            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=5),
+            config=Config(
+                retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=5
+            ),
         )
         written: list[str] = []
         ok = failed = 0
@@ -148,8 +159,12 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
                 order = f"order-{uuid.uuid4().hex[:8]}"
                 t0 = time.perf_counter()
                 try:
-                    app.put_item(TableName=TABLE, Item={"pk": {"S": "demo"}, "sk": {"S": order}, "qty": {"N": "1"}})
-                    app.get_item(TableName=TABLE, Key={"pk": {"S": "demo"}, "sk": {"S": order}}, ConsistentRead=True)
+                    app.put_item(
+                        TableName=TABLE, Item={"pk": {"S": "demo"}, "sk": {"S": order}, "qty": {"N": "1"}}
+                    )
+                    app.get_item(
+                        TableName=TABLE, Key={"pk": {"S": "demo"}, "sk": {"S": order}}, ConsistentRead=True
+                    )
                     written.append(order)
                     ok += 2
                     latencies.append(time.perf_counter() - t0)
@@ -172,12 +187,19 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             with contextlib.closing(client):
                 found = 0
                 for order in written:
-                    item = client.get_item(TableName=TABLE, Key={"pk": {"S": "demo"}, "sk": {"S": order}}, ConsistentRead=True)
+                    item = client.get_item(
+                        TableName=TABLE, Key={"pk": {"S": "demo"}, "sk": {"S": order}}, ConsistentRead=True
+                    )
                     found += "Item" in item
                 counts[region.name] = found
-        print(f"  acknowledged writes: {len(written)}; in us-east-1: {counts['us-east-1']}; in eu-west-1: {counts['eu-west-1']}")
+        print(
+            f"  acknowledged writes: {len(written)}; in us-east-1: {counts['us-east-1']}; in eu-west-1: {counts['eu-west-1']}"
+        )
         good = counts["us-east-1"] == len(written) and counts["eu-west-1"] == 0
-        print("demo: " + ("every write is in the home region and only there" if good else "UNEXPECTED data placement"))
+        print(
+            "demo: "
+            + ("every write is in the home region and only there" if good else "UNEXPECTED data placement")
+        )
         return 0 if good else 1
     finally:
         if sidecar is not None and sidecar.poll() is None:
@@ -194,7 +216,9 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _view(status: dict[str, Any] | None, ok: int, failed: int, latencies: list[float], elapsed: float) -> None:
+def _view(
+    status: dict[str, Any] | None, ok: int, failed: int, latencies: list[float], elapsed: float
+) -> None:
     if status is None:
         print(f"[{elapsed:5.1f}s] sidecar not answering   client ok {ok} failed {failed}")
         return

@@ -176,7 +176,7 @@ class Daemon:
             await self.haproxy.stop()
         # Let in-flight requests finish (bounded), then close what remains.
         deadline = time.monotonic() + 5.0
-        while any(r.stats.in_flight for r in self.regions.values()) and time.monotonic() < deadline:
+        while any(r.stats.in_flight for r in self.regions.values()) and time.monotonic() < deadline:  # noqa: ASYNC110 - a bounded drain over several counters
             await asyncio.sleep(0.02)
         for conn in list(self._connections):
             if conn.transport is not None:
@@ -198,14 +198,19 @@ class Daemon:
         """Apply a changed config; return what needs a restart to take effect."""
         needs_restart = []
         old = self.config
-        if [(r.name, r.proxy, r.url) for r in config.regions] != [(r.name, r.proxy, r.url) for r in old.regions]:
+        if [(r.name, r.proxy, r.url) for r in config.regions] != [
+            (r.name, r.proxy, r.url) for r in old.regions
+        ]:
             needs_restart.append("regions")
         for key in ("listen", "admin", "haproxy", "state_dir"):
             if getattr(config, key) != getattr(old, key):
                 needs_restart.append(key)
         self._policy = data_path_policy(config)
         self.config = config.model_copy(update={k: getattr(old, k) for k in needs_restart})
-        self.event("reload", "config reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""))
+        self.event(
+            "reload",
+            "config reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""),
+        )
         return needs_restart
 
     # -- the data path's view
@@ -282,7 +287,8 @@ class Daemon:
         if before.state != probe.state.state:
             self.event(
                 "region-" + probe.state.state,
-                f"{probe.runtime.name} {probe.state.state}" + (f": {probe.state.cause}" if probe.state.cause else ""),
+                f"{probe.runtime.name} {probe.state.state}"
+                + (f": {probe.state.cause}" if probe.state.cause else ""),
                 region=probe.runtime.name,
             )
 

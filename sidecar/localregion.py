@@ -37,7 +37,9 @@ def moto_server_binary() -> str:
     beside = Path(sys.executable).parent / "moto_server"
     found = str(beside) if beside.exists() else shutil.which("moto_server")
     if not found:
-        raise RuntimeError("moto_server not found: install the demo extras (`pip install 'ddb-sidecar[dev]'`)")
+        raise RuntimeError(
+            "moto_server not found: install the demo extras (`pip install 'ddb-sidecar[dev]'`)"
+        )
     return found
 
 
@@ -73,7 +75,9 @@ class LocalRegion:
                     return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"moto_server for {self.name} did not answer within {timeout:g}s") from None
+                    raise TimeoutError(
+                        f"moto_server for {self.name} did not answer within {timeout:g}s"
+                    ) from None
                 time.sleep(0.05)
 
     def bootstrap(self, seed: int = DEFAULT_SEED) -> Key:
@@ -94,7 +98,9 @@ class LocalRegion:
         with contextlib.closing(iam):
             iam.create_user(UserName=IAM_USER)
             key = iam.create_access_key(UserName=IAM_USER)["AccessKey"]
-            iam.put_user_policy(UserName=IAM_USER, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY))
+            iam.put_user_policy(
+                UserName=IAM_USER, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY)
+            )
         self.key = Key(key["AccessKeyId"], key["SecretAccessKey"])
         return self.key
 
@@ -121,7 +127,10 @@ class LocalRegion:
         client = self.client()
         with contextlib.closing(client):
             client.create_table(
-                TableName=name, AttributeDefinitions=attributes, KeySchema=schema, BillingMode="PAY_PER_REQUEST"
+                TableName=name,
+                AttributeDefinitions=attributes,
+                KeySchema=schema,
+                BillingMode="PAY_PER_REQUEST",
             )
 
     def signal(self, sig: signal.Signals) -> None:

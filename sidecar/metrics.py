@@ -22,25 +22,43 @@ class DaemonCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         regions = self.daemon.regions
         requests = CounterMetricFamily(
-            "ddb_sidecar_requests", "Client requests by region, operation and HTTP status", labels=["region", "operation", "status"]
+            "ddb_sidecar_requests",
+            "Client requests by region, operation and HTTP status",
+            labels=["region", "operation", "status"],
         )
         refused = CounterMetricFamily(
-            "ddb_sidecar_refused_requests", "Requests refused by the sidecar before reaching a region", labels=["region", "reason"]
+            "ddb_sidecar_refused_requests",
+            "Requests refused by the sidecar before reaching a region",
+            labels=["region", "reason"],
         )
         upstream_errors = CounterMetricFamily(
-            "ddb_sidecar_upstream_errors", "Requests that got no response from the region", labels=["region", "kind"]
+            "ddb_sidecar_upstream_errors",
+            "Requests that got no response from the region",
+            labels=["region", "kind"],
         )
         latency = HistogramMetricFamily(
-            "ddb_sidecar_upstream_latency_seconds", "Time from sending a request to the region to its full response", labels=["region"]
+            "ddb_sidecar_upstream_latency_seconds",
+            "Time from sending a request to the region to its full response",
+            labels=["region"],
         )
-        in_flight = GaugeMetricFamily("ddb_sidecar_in_flight_requests", "Requests waiting for the region", labels=["region"])
+        in_flight = GaugeMetricFamily(
+            "ddb_sidecar_in_flight_requests", "Requests waiting for the region", labels=["region"]
+        )
         connections = GaugeMetricFamily(
             "ddb_sidecar_upstream_connections", "Open upstream connections", labels=["region", "state"]
         )
-        connects = CounterMetricFamily("ddb_sidecar_upstream_connects", "Upstream connections opened", labels=["region"])
-        state = GaugeMetricFamily("ddb_sidecar_region_up", "Region health: 1 up, 0 down, -1 unknown", labels=["region"])
-        probe = GaugeMetricFamily("ddb_sidecar_probe_latency_seconds", "Latency of the last health probe", labels=["region"])
-        weight = GaugeMetricFamily("ddb_sidecar_desired_weight", "The weight the sidecar wants HAProxy to use", labels=["region"])
+        connects = CounterMetricFamily(
+            "ddb_sidecar_upstream_connects", "Upstream connections opened", labels=["region"]
+        )
+        state = GaugeMetricFamily(
+            "ddb_sidecar_region_up", "Region health: 1 up, 0 down, -1 unknown", labels=["region"]
+        )
+        probe = GaugeMetricFamily(
+            "ddb_sidecar_probe_latency_seconds", "Latency of the last health probe", labels=["region"]
+        )
+        weight = GaugeMetricFamily(
+            "ddb_sidecar_desired_weight", "The weight the sidecar wants HAProxy to use", labels=["region"]
+        )
         for name, runtime in regions.items():
             stats = runtime.stats
             for (operation, status), n in list(stats.requests.items()):
@@ -59,9 +77,22 @@ class DaemonCollector(Collector):
             if runtime.health.latency_ms is not None:
                 probe.add_metric([name], runtime.health.latency_ms / 1000)
             weight.add_metric([name], self.daemon.weights.get(name, 0))
-        yield from (requests, refused, upstream_errors, latency, in_flight, connections, connects, state, probe, weight)
+        yield from (
+            requests,
+            refused,
+            upstream_errors,
+            latency,
+            in_flight,
+            connections,
+            connects,
+            state,
+            probe,
+            weight,
+        )
         if self.daemon.haproxy is not None:
-            restarts = CounterMetricFamily("ddb_sidecar_haproxy_restarts", "Times the supervised HAProxy was restarted")
+            restarts = CounterMetricFamily(
+                "ddb_sidecar_haproxy_restarts", "Times the supervised HAProxy was restarted"
+            )
             restarts.add_metric([], self.daemon.haproxy.restarts)
             yield restarts
 

@@ -71,7 +71,11 @@ def classify_response(status: int, error_code: str | None, latency: float, slow_
             return ProbeOutcome(Cause.AUTH, f"HTTP {status} {error_code or ''}".strip(), latency)
         return ProbeOutcome(Cause.CLIENT_ERROR, f"HTTP {status} {error_code or ''}".strip(), latency)
     if latency > slow_after:
-        return ProbeOutcome(Cause.SLOW, f"answered in {latency * 1000:.0f} ms (slow above {slow_after * 1000:.0f} ms)", latency)
+        return ProbeOutcome(
+            Cause.SLOW,
+            f"answered in {latency * 1000:.0f} ms (slow above {slow_after * 1000:.0f} ms)",
+            latency,
+        )
     return ProbeOutcome(Cause.OK, f"HTTP {status}", latency)
 
 

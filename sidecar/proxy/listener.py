@@ -40,7 +40,9 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_PIPELINED = 16
 _JSON = b"Content-Type: application/x-amz-json-1.0\r\n"
 _HEALTH_UP = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nup\n"
-_HEALTH_DOWN = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\ndown\n"
+_HEALTH_DOWN = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\ndown\n"
+)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
     400: b"Bad Request",
@@ -156,7 +158,9 @@ class RegionListener(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._reply_and_close(DynamoError(400, "SerializationException", "protocol upgrades are not supported"))
+            self._reply_and_close(
+                DynamoError(400, "SerializationException", "protocol upgrades are not supported")
+            )
         except httptools.HttpParserError as exc:
             self._reply_and_close(
                 DynamoError(400, "SerializationException", f"malformed HTTP request: {str(exc)[:120]}")
@@ -239,7 +243,9 @@ class RegionListener(asyncio.Protocol):
             return
         policy = region.policy()
         if req.too_large:
-            self._refuse(req, errors.body_too_large(req.size, policy.gate.max_body_bytes), "too_large", close=True)
+            self._refuse(
+                req, errors.body_too_large(req.size, policy.gate.max_body_bytes), "too_large", close=True
+            )
             return
         body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
         target: str | None = None

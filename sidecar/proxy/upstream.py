@@ -234,7 +234,11 @@ class _UpstreamConnection(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self._timer = None
         self._pool.stats.timeouts += 1
-        self._fail(UpstreamTimeout(f"no response from {self._pool.endpoint.host} within {self._pool.request_timeout:g}s"))
+        self._fail(
+            UpstreamTimeout(
+                f"no response from {self._pool.endpoint.host} within {self._pool.request_timeout:g}s"
+            )
+        )
 
     def _finish(self) -> None:
         self._exchange = None
@@ -377,7 +381,13 @@ class UpstreamPool:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             self.stats.connect_errors += 1
             detail = _describe_connect_error(exc, ep, self.connect_timeout)
-            kind = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(exc, ConnectionRefusedError) else "connection"
+            kind = (
+                "timeout"
+                if isinstance(exc, TimeoutError)
+                else "refused"
+                if isinstance(exc, ConnectionRefusedError)
+                else "connection"
+            )
             self.stats.error("connect", detail)
             exchange.reply(None, UpstreamUnreachable(detail, kind))
             self._drain_waiting_after_failure(detail)
@@ -433,4 +443,4 @@ def _describe_connect_error(exc: BaseException, ep: Endpoint, timeout: float) ->
         return f"connect to {where} refused"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake with {where} failed: {exc.reason or exc}"
-    return f"connect to {where} failed: {exc.strerror or type(exc).__name__}"
+    return f"connect to {where} failed: {getattr(exc, 'strerror', None) or type(exc).__name__}"

@@ -52,9 +52,11 @@ def stack(moto_regions: dict[str, MotoRegion], orders: str, tmp_path_factory: py
 
 
 def home_item(region: MotoRegion, table: str, pk: str, sk: str) -> dict[str, Any] | None:
-    item: dict[str, Any] | None = region.client().get_item(
-        TableName=table, Key={"pk": {"S": pk}, "sk": {"S": sk}}, ConsistentRead=True
-    ).get("Item")
+    item: dict[str, Any] | None = (
+        region.client()
+        .get_item(TableName=table, Key={"pk": {"S": pk}, "sk": {"S": sk}}, ConsistentRead=True)
+        .get("Item")
+    )
     return item
 
 
@@ -66,7 +68,9 @@ def error_of(exc: ClientError) -> tuple[int, str, str]:
 # -- the happy path with every client -----------------------------------------------------------------------
 
 
-def test_boto3_operations_land_in_home_region_only(stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]) -> None:
+def test_boto3_operations_land_in_home_region_only(
+    stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]
+) -> None:
     app = stack.client()
     pk = f"cust-{uuid.uuid4().hex[:6]}"
     app.put_item(TableName=orders, Item={"pk": {"S": pk}, "sk": {"S": "1"}, "total": {"N": "42"}})
@@ -81,13 +85,15 @@ def test_boto3_operations_land_in_home_region_only(stack: SidecarStack, orders: 
     app.transact_write_items(
         TransactItems=[
             {"Put": {"TableName": orders, "Item": {"pk": {"S": pk}, "sk": {"S": "6"}}}},
-            {"Update": {
-                "TableName": orders,
-                "Key": {"pk": {"S": pk}, "sk": {"S": "1"}},
-                "UpdateExpression": "SET #t = :t",
-                "ExpressionAttributeNames": {"#t": "total"},
-                "ExpressionAttributeValues": {":t": {"N": "43"}},
-            }},
+            {
+                "Update": {
+                    "TableName": orders,
+                    "Key": {"pk": {"S": pk}, "sk": {"S": "1"}},
+                    "UpdateExpression": "SET #t = :t",
+                    "ExpressionAttributeNames": {"#t": "total"},
+                    "ExpressionAttributeValues": {":t": {"N": "43"}},
+                }
+            },
         ]
     )
     query = app.query(
@@ -102,7 +108,9 @@ def test_boto3_operations_land_in_home_region_only(stack: SidecarStack, orders: 
     assert home_item(home, orders, pk, "1")["total"] == {"N": "43"}
 
 
-def test_aws_cli_through_stable_address(stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]) -> None:
+def test_aws_cli_through_stable_address(
+    stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]
+) -> None:
     aws = shutil.which("aws", path=str(Path(sys.executable).parent)) or shutil.which("aws")
     if aws is None:
         pytest.skip("the AWS CLI is not installed")
@@ -111,13 +119,31 @@ def test_aws_cli_through_stable_address(stack: SidecarStack, orders: str, moto_r
     item = json.dumps({"pk": {"S": pk}, "sk": {"S": "a"}, "via": {"S": "aws-cli"}})
     put = subprocess.run(
         [aws, "dynamodb", "put-item", "--endpoint-url", stack.url, "--table-name", orders, "--item", item],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert put.returncode == 0, put.stderr
     get = subprocess.run(
-        [aws, "dynamodb", "get-item", "--endpoint-url", stack.url, "--table-name", orders,
-         "--key", json.dumps({"pk": {"S": pk}, "sk": {"S": "a"}}), "--consistent-read", "--output", "json"],
-        env=env, capture_output=True, text=True, timeout=60,
+        [
+            aws,
+            "dynamodb",
+            "get-item",
+            "--endpoint-url",
+            stack.url,
+            "--table-name",
+            orders,
+            "--key",
+            json.dumps({"pk": {"S": pk}, "sk": {"S": "a"}}),
+            "--consistent-read",
+            "--output",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert get.returncode == 0, get.stderr
     assert json.loads(get.stdout)["Item"]["via"] == {"S": "aws-cli"}
@@ -125,7 +151,9 @@ def test_aws_cli_through_stable_address(stack: SidecarStack, orders: str, moto_r
     assert home_item(moto_regions["eu-west-1"], orders, pk, "a") is None
 
 
-def test_perl_client_through_stable_address(stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]) -> None:
+def test_perl_client_through_stable_address(
+    stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]
+) -> None:
     if shutil.which("perl") is None:
         pytest.skip("perl is not installed")
     pk = f"perl-{uuid.uuid4().hex[:6]}"
@@ -134,13 +162,29 @@ def test_perl_client_through_stable_address(stack: SidecarStack, orders: str, mo
 
     def perl(op: str, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["perl", str(PERL_CLIENT), "--endpoint", stack.url, "--region", "us-east-1", op, json.dumps(body)],
-            env=env, capture_output=True, text=True, timeout=30,
+            [
+                "perl",
+                str(PERL_CLIENT),
+                "--endpoint",
+                stack.url,
+                "--region",
+                "us-east-1",
+                op,
+                json.dumps(body),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
 
-    put = perl("PutItem", {"TableName": orders, "Item": {"pk": {"S": pk}, "sk": {"S": "p"}, "lang": {"S": "perl"}}})
+    put = perl(
+        "PutItem", {"TableName": orders, "Item": {"pk": {"S": pk}, "sk": {"S": "p"}, "lang": {"S": "perl"}}}
+    )
     assert put.returncode == 0, put.stderr
-    get = perl("GetItem", {"TableName": orders, "Key": {"pk": {"S": pk}, "sk": {"S": "p"}}, "ConsistentRead": True})
+    get = perl(
+        "GetItem", {"TableName": orders, "Key": {"pk": {"S": pk}, "sk": {"S": "p"}}, "ConsistentRead": True}
+    )
     assert get.returncode == 0, get.stderr
     assert json.loads(get.stdout)["Item"]["lang"] == {"S": "perl"}
     refused = perl("PutItem", {"TableName": "not-allowed-table", "Item": {"pk": {"S": pk}}})
@@ -178,7 +222,9 @@ def test_control_plane_refused(stack: SidecarStack) -> None:
     assert error_of(err.value)[1] == "AccessDeniedException"
 
 
-def test_transaction_touching_a_foreign_table_refused(stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]) -> None:
+def test_transaction_touching_a_foreign_table_refused(
+    stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion]
+) -> None:
     pk = f"tx-{uuid.uuid4().hex[:6]}"
     with pytest.raises(ClientError) as err:
         stack.client().transact_write_items(
@@ -188,7 +234,9 @@ def test_transaction_touching_a_foreign_table_refused(stack: SidecarStack, order
             ]
         )
     assert error_of(err.value)[:2] == (400, "AccessDeniedException")
-    assert home_item(moto_regions["us-east-1"], orders, pk, "1") is None, "a refused transaction was partly applied"
+    assert home_item(moto_regions["us-east-1"], orders, pk, "1") is None, (
+        "a refused transaction was partly applied"
+    )
 
 
 def test_partiql_on_foreign_table_refused(stack: SidecarStack, orders: str) -> None:
@@ -197,7 +245,7 @@ def test_partiql_on_foreign_table_refused(stack: SidecarStack, orders: str) -> N
         app.execute_statement(Statement='SELECT * FROM "payroll"')
     assert error_of(err.value)[1] == "AccessDeniedException"
     # The allowed table goes through.
-    app.execute_statement(Statement=f'SELECT * FROM "{orders}" WHERE pk = \'nobody\'')
+    app.execute_statement(Statement=f"SELECT * FROM \"{orders}\" WHERE pk = 'nobody'")
 
 
 @pytest.mark.parametrize(
@@ -226,10 +274,14 @@ def test_malformed_requests_get_dynamodb_errors(
 
 
 def test_oversized_body_refused(stack: SidecarStack, orders: str) -> None:
-    body = b'{"TableName": "%s", "Item": {"pk": {"S": "' % orders.encode() + b"x" * (17 * 1024 * 1024) + b'"}}}'
+    body = (
+        b'{"TableName": "%s", "Item": {"pk": {"S": "' % orders.encode() + b"x" * (17 * 1024 * 1024) + b'"}}}'
+    )
     try:
         status, _, resp = raw_post(
-            stack.region_url("us-east-1"), body, {"Content-Type": JSON_CT, "X-Amz-Target": "DynamoDB_20120810.PutItem"}
+            stack.region_url("us-east-1"),
+            body,
+            {"Content-Type": JSON_CT, "X-Amz-Target": "DynamoDB_20120810.PutItem"},
         )
     except (ConnectionResetError, BrokenPipeError):
         pytest.fail("the listener dropped the connection instead of answering 413")
@@ -239,7 +291,12 @@ def test_oversized_body_refused(stack: SidecarStack, orders: str) -> None:
 
 def test_garbage_bytes_do_not_crash_listener(stack: SidecarStack, orders: str) -> None:
     port = stack.region_ports["us-east-1"]
-    for payload in [b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n", b"\r\n" * 100]:
+    for payload in [
+        b"\x00\x01\x02\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+        b"\r\n" * 100,
+    ]:
         with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
             sock.sendall(payload)
             sock.shutdown(socket.SHUT_WR)
@@ -252,7 +309,9 @@ def test_garbage_bytes_do_not_crash_listener(stack: SidecarStack, orders: str) -
 
 
 def test_unknown_path_is_404_json(stack: SidecarStack) -> None:
-    status, headers, body = raw_post(stack.region_url("us-east-1") + "/admin", b"{}", {"Content-Type": JSON_CT})
+    status, _headers, body = raw_post(
+        stack.region_url("us-east-1") + "/admin", b"{}", {"Content-Type": JSON_CT}
+    )
     assert status == 404
     assert json.loads(body)["__type"].endswith("#UnknownOperationException")
 
@@ -279,7 +338,9 @@ def test_status_and_metrics(stack: SidecarStack, orders: str) -> None:
 
     cli = subprocess.run(
         [str(Path(sys.executable).parent / "ddb-sidecar"), "status", "--json", "-c", str(stack.config_path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["active_region"] == "us-east-1"

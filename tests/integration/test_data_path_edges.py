@@ -33,7 +33,9 @@ def test_client_signatures_verified_when_clients_set(
 ) -> None:
     regions = [moto_regions["us-east-1"], moto_regions["eu-west-1"]]
     extra = {"clients": [{"access_key_id": APP_KEY, "secret_access_key_env": "APP_SECRET"}]}
-    with SidecarStack(regions, [table], tmp_path_factory.mktemp("auth"), extra=extra, env={"APP_SECRET": APP_SECRET}) as stack:
+    with SidecarStack(
+        regions, [table], tmp_path_factory.mktemp("auth"), extra=extra, env={"APP_SECRET": APP_SECRET}
+    ) as stack:
         good = stack.client(access_key=APP_KEY, secret_key=APP_SECRET)
         good.put_item(TableName=table, Item={"pk": {"S": "signed"}})
         assert "Item" in good.get_item(TableName=table, Key={"pk": {"S": "signed"}})
@@ -49,7 +51,9 @@ def test_client_signatures_verified_when_clients_set(
         assert error_of(err.value)[:2] == (400, "UnrecognizedClientException")
 
         status, _, body = raw_post(
-            stack.url, b"{}", {"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": "DynamoDB_20120810.GetItem"}
+            stack.url,
+            b"{}",
+            {"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": "DynamoDB_20120810.GetItem"},
         )
         assert status == 400
         assert json.loads(body)["__type"].endswith("#MissingAuthenticationTokenException")
@@ -63,7 +67,9 @@ def test_unreachable_region_gets_retryable_error_and_daemon_survives(
 ) -> None:
     regions = [moto_regions["us-east-1"], moto_regions["eu-west-1"]]
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with SidecarStack(regions, [table], tmp_path_factory.mktemp("dead"), endpoints={"eu-west-1": dead}) as stack:
+    with SidecarStack(
+        regions, [table], tmp_path_factory.mktemp("dead"), endpoints={"eu-west-1": dead}
+    ) as stack:
         # Ask the eu-west-1 listener directly, as HAProxy would after a move.
         client = stack.client(url=stack.region_url("eu-west-1"))
         with pytest.raises(ClientError) as err:
@@ -75,6 +81,7 @@ def test_unreachable_region_gets_retryable_error_and_daemon_survives(
         def down() -> Any:
             regions_state = {r["name"]: r for r in stack.status()["regions"]}
             return regions_state["eu-west-1"]["state"] == "down" and regions_state["eu-west-1"]
+
         state = wait_until(down, 10, message="eu-west-1 reported down")
         assert "refused" in state["cause"]
         # The home region keeps serving through the stable address.

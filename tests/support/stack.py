@@ -14,7 +14,6 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from email.message import Message
 from pathlib import Path
 from typing import Any
 

@@ -10,7 +10,10 @@ import yaml
 from sidecar.config import Address, ConfigError, load_config, parse_duration
 
 MINIMAL = {
-    "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101"}, {"name": "eu-west-1", "proxy": "127.0.0.1:8102"}],
+    "regions": [
+        {"name": "us-east-1", "proxy": "127.0.0.1:8101"},
+        {"name": "eu-west-1", "proxy": "127.0.0.1:8102"},
+    ],
     "tables": ["orders"],
 }
 
@@ -44,13 +47,17 @@ def test_minimal_config_gets_interface_defaults(tmp_path: Path) -> None:
 def test_relative_paths_resolve_against_config_folder(tmp_path: Path) -> None:
     (tmp_path / "tpl").mkdir()
     (tmp_path / "tpl" / "h.j2").write_text("x")
-    config = load_config(write(tmp_path, {**MINIMAL, "state_dir": "state", "haproxy": {"template": "tpl/h.j2"}}))
+    config = load_config(
+        write(tmp_path, {**MINIMAL, "state_dir": "state", "haproxy": {"template": "tpl/h.j2"}})
+    )
     assert config.state_dir == tmp_path / "state"
     assert config.haproxy.template == tmp_path / "tpl" / "h.j2"
     assert config.haproxy.config == tmp_path / "run" / "haproxy.cfg"
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("800ms", 0.8), ("1s", 1.0), ("2m", 120.0), (3, 3.0), ("1.5s", 1.5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("800ms", 0.8), ("1s", 1.0), ("2m", 120.0), (3, 3.0), ("1.5s", 1.5)]
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
@@ -100,15 +107,26 @@ def test_no_open_signing_proxy(tmp_path: Path) -> None:
 
 
 def test_plain_http_endpoint_only_on_loopback(tmp_path: Path) -> None:
-    data = {**MINIMAL, "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101", "endpoint": "http://example.com"}]}
+    data = {
+        **MINIMAL,
+        "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101", "endpoint": "http://example.com"}],
+    }
     found = problems(tmp_path, data)
     assert any(p.startswith("regions[0].endpoint:") and "https" in p for p in found)
-    ok = {**MINIMAL, "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101", "endpoint": "http://127.0.0.1:5000"}]}
+    ok = {
+        **MINIMAL,
+        "regions": [{"name": "us-east-1", "proxy": "127.0.0.1:8101", "endpoint": "http://127.0.0.1:5000"}],
+    }
     assert load_config(write(tmp_path, ok)).home.url == "http://127.0.0.1:5000"
 
 
-def test_clients_need_their_secret_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = {**MINIMAL, "clients": [{"access_key_id": "AKIAAPPCLIENT0000001", "secret_access_key_env": "APP_SECRET"}]}
+def test_clients_need_their_secret_in_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = {
+        **MINIMAL,
+        "clients": [{"access_key_id": "AKIAAPPCLIENT0000001", "secret_access_key_env": "APP_SECRET"}],
+    }
     monkeypatch.delenv("APP_SECRET", raising=False)
     found = problems(tmp_path, data)
     assert any(p.startswith("clients[0].secret_access_key_env:") and "APP_SECRET" in p for p in found)

@@ -79,13 +79,19 @@ async def pools() -> AsyncIterator[list[UpstreamPool]]:
 
 
 def make_pool(pools: list[UpstreamPool], port: int, **kw: float) -> UpstreamPool:
-    pool = UpstreamPool(Endpoint("http", "127.0.0.1", port), loop=asyncio.get_running_loop(), name="test", **kw)  # type: ignore[arg-type]
+    pool = UpstreamPool(
+        Endpoint("http", "127.0.0.1", port), loop=asyncio.get_running_loop(), name="test", **kw
+    )  # type: ignore[arg-type]
     pools.append(pool)
     return pool
 
 
-async def send(pool: UpstreamPool, data: bytes = REQUEST, idempotent: bool = True) -> tuple[UpstreamResponse | None, UpstreamError | None]:
-    fut: asyncio.Future[tuple[UpstreamResponse | None, UpstreamError | None]] = asyncio.get_running_loop().create_future()
+async def send(
+    pool: UpstreamPool, data: bytes = REQUEST, idempotent: bool = True
+) -> tuple[UpstreamResponse | None, UpstreamError | None]:
+    fut: asyncio.Future[tuple[UpstreamResponse | None, UpstreamError | None]] = (
+        asyncio.get_running_loop().create_future()
+    )
     pool.send(data, lambda r, e: fut.set_result((r, e)), idempotent=idempotent)
     return await asyncio.wait_for(fut, 10)
 
@@ -117,7 +123,7 @@ async def test_timeout_reports_possibly_applied(pools: list[UpstreamPool]) -> No
     stub = await StubServer(lambda n: b"silence").start()
     try:
         pool = make_pool(pools, stub.port, request_timeout=0.3)
-        response, error = await send(pool, idempotent=False)
+        _response, error = await send(pool, idempotent=False)
         assert isinstance(error, UpstreamTimeout) and error.sent and error.kind == "timeout"
     finally:
         await stub.close()
@@ -179,7 +185,7 @@ async def test_chunked_response_is_dechunked(pools: list[UpstreamPool]) -> None:
     stub = await StubServer(lambda n: chunked).start()
     try:
         pool = make_pool(pools, stub.port)
-        response, error = await send(pool)
+        response, _error = await send(pool)
         assert response is not None and response.body == b"{}"
         assert b"Transfer-Encoding" not in response.head
     finally:
