@@ -153,9 +153,24 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             nonlocal stop
             stop = True
 
+        # The scripted outage: the replica region freezes (SIGSTOP: it accepts connections, answers
+        # nothing) for a while. The probes see it go down and come back; the app, served by the home
+        # region, does not notice. (Moving traffic off a failed home region is the failover controller's.)
+        span = duration if duration is not None else 30.0
+        freeze_at, thaw_at = started + span / 3, started + 2 * span / 3
+        frozen = thawed = False
+        seen_events: set[tuple[str, str, str]] = {(e["at"], e["kind"], e["reason"]) for e in status["events"]}
         previous = signal.signal(signal.SIGINT, on_signal)
         try:
             while not stop and (duration is None or time.monotonic() - started < duration):
+                if not frozen and time.monotonic() >= freeze_at:
+                    frozen = True
+                    print(f"  >>> outage: freezing {regions[1].name} (SIGSTOP)")
+                    regions[1].signal(signal.SIGSTOP)
+                if frozen and not thawed and time.monotonic() >= thaw_at:
+                    thawed = True
+                    print(f"  >>> recovery: resuming {regions[1].name} (SIGCONT)")
+                    regions[1].signal(signal.SIGCONT)
                 order = f"order-{uuid.uuid4().hex[:8]}"
                 t0 = time.perf_counter()
                 try:
@@ -174,10 +189,14 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
                 now = time.monotonic()
                 if now >= next_view:
                     next_view = now + 1.0
-                    _view(_status(admin), ok, failed, latencies, now - started)
+                    status = _status(admin)
+                    for event in _new_events(status, seen_events):
+                        print(f"  event {event['at']} {event['kind']}: {event['reason']}")
+                    _view(status, ok, failed, latencies, now - started)
                 time.sleep(0.02)
         finally:
             signal.signal(signal.SIGINT, previous)
+            regions[1].signal(signal.SIGCONT)
             app.close()
 
         print("\ndemo: checking where the data went ...")
@@ -214,6 +233,16 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             region.stop()
         if own_workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _new_events(status: dict[str, Any] | None, seen: set[tuple[str, str, str]]) -> list[dict[str, Any]]:
+    fresh = []
+    for event in reversed((status or {}).get("events", [])):
+        key = (event["at"], event["kind"], event["reason"])
+        if key not in seen:
+            seen.add(key)
+            fresh.append(event)
+    return fresh
 
 
 def _view(
