@@ -219,6 +219,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/sidecar rounds")
+    parser.add_argument("--profile", type=Path, help="py-spy flame data of the sidecar during its rounds")
     args = parser.parse_args()
 
     haproxy = find_haproxy(None)
@@ -290,7 +291,29 @@ def main() -> int:
         for _ in range(args.rounds):
             results["direct"].append(load(f"http://127.0.0.1:{direct_port}/"))
             cpu0 = cpu_seconds(sidecar.pid)
+            spy = None
+            if args.profile and shutil.which("py-spy"):
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "-r",
+                        "500",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(args.profile),
+                        "-p",
+                        str(sidecar.pid),
+                        "-d",
+                        str(int(args.seconds)),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             run = load(f"http://127.0.0.1:{listen}/")
+            if spy is not None:
+                spy.wait(30)
             run["cpu_us_per_req"] = (cpu_seconds(sidecar.pid) - cpu0) / max(run["requests"], 1) * 1e6
             results["sidecar"].append(run)
         memory = rss_mb(sidecar.pid)

@@ -326,7 +326,7 @@ class Daemon:
             )
         return {
             "active_region": active if weights is not None else _desired_active(self.weights),
-            "mode": "automatic",
+            "mode": "automatic" if self.config.failover.automatic else "paused",
             "regions": regions,
             "haproxy": {
                 "managed": self.config.haproxy.manage,

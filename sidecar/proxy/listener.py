@@ -98,7 +98,17 @@ class RegionRuntime:
 
 
 class _Request:
-    __slots__ = ("admitted", "body", "headers", "keep_alive", "method", "size", "too_large", "url")
+    __slots__ = (
+        "admitted",
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "received",
+        "size",
+        "too_large",
+        "url",
+    )
 
     def __init__(self) -> None:
         self.method = b""
@@ -108,6 +118,7 @@ class _Request:
         self.keep_alive = True
         self.too_large = False
         self.size = 0
+        self.received = 0
         self.admitted: Admitted | None = None
 
 
@@ -205,10 +216,10 @@ class RegionListener(asyncio.Protocol):
         if req.too_large:
             return
         req.body.append(body)
-        received = sum(map(len, req.body))
-        if received > self.region.policy().gate.max_body_bytes:
+        req.received += len(body)
+        if req.received > self.region.policy().gate.max_body_bytes:
             req.too_large = True
-            req.size = max(req.size, received)
+            req.size = max(req.size, req.received)
             req.body.clear()
 
     def on_message_complete(self) -> None:
@@ -236,7 +247,10 @@ class RegionListener(asyncio.Protocol):
         path, _, query = req.url.partition(b"?")
         if req.method == b"GET" or req.method == b"HEAD":
             if path == HEALTH_PATH:
-                self._write(_HEALTH_UP if region.health.healthy else _HEALTH_DOWN, req.keep_alive)
+                answer = _HEALTH_UP if region.health.healthy else _HEALTH_DOWN
+                if req.method == b"HEAD":
+                    answer = answer[: answer.index(b"\r\n\r\n") + 4]
+                self._write(answer, req.keep_alive)
                 return
         if req.method != b"POST" or path != b"/":
             self._refuse(req, errors.not_found(req.url.decode("latin-1")), "route")

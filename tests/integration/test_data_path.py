@@ -357,3 +357,17 @@ def test_secrets_never_logged(stack: SidecarStack) -> None:
     assert secret not in log
     assert secret not in json.dumps(stack.status())
     assert secret not in stack.metrics()
+
+
+def test_response_relayed_unchanged(stack: SidecarStack, orders: str) -> None:
+    """Status, body, x-amz-crc32 and x-amzn-RequestId come back as the region sent them."""
+    import zlib
+
+    body = json.dumps({"TableName": orders, "Key": {"pk": {"S": "crc"}, "sk": {"S": "crc"}}}).encode()
+    headers = {"Content-Type": JSON_CT, "X-Amz-Target": "DynamoDB_20120810.GetItem"}
+    for url in (stack.url, stack.region_url("us-east-1")):
+        status, resp_headers, resp = raw_post(url, body, headers)
+        assert status == 200
+        assert int(resp_headers["x-amz-crc32"]) == zlib.crc32(resp) & 0xFFFFFFFF
+        assert resp_headers["x-amzn-RequestId"]
+        assert int(resp_headers["Content-Length"]) == len(resp)
