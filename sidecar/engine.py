@@ -143,6 +143,7 @@ class Daemon:
                 logger.info("region %s: listening on %s, upstream %s", region.name, region.proxy, region.url)
             for name, probe in self._probe.items():
                 self._spawn(self._probe_loop(probe), f"probe-{name}")
+            self._spawn(self._expire_connections(), "listener-connection-sweeper")
             if cfg.haproxy.manage:
                 await self._start_haproxy()
         except BaseException:
@@ -235,6 +236,16 @@ class Daemon:
     def event(self, kind: str, reason: str, **extra: Any) -> None:
         self.events.append(Event(time.time(), kind, reason, tuple(extra.items())))
         logger.info("event %s: %s", kind, reason)
+
+    async def _expire_connections(self) -> None:
+        """Close listener connections that idle past HAProxy's keep-alive or trickle a request in."""
+        hp = self.config.haproxy
+        idle = hp.timeout_client * 2  # HAProxy closes its own idle server connections well before this
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self._connections):
+                conn.expire(now, idle, hp.timeout_http_request)
 
     # -- probes
     async def _probe_loop(self, probe: _ProbeRegion) -> None:

@@ -47,6 +47,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
+    408: b"Request Timeout",
     413: b"Payload Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
@@ -153,6 +154,9 @@ class RegionListener(asyncio.Protocol):
         self._busy = False
         self._closing = False
         self.last_active = time.monotonic()
+        # When the request being read began; None between requests. Lets the daemon close connections
+        # that trickle a request in (slowloris) or sit idle, if anything reaches the listener directly.
+        self.partial_since: float | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,6 +188,7 @@ class RegionListener(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._current = _Request()
         self._header_bytes = 0
+        self.partial_since = self.last_active
 
     def on_url(self, url: bytes) -> None:
         self._current.url += url
@@ -223,11 +228,29 @@ class RegionListener(asyncio.Protocol):
             req.body.clear()
 
     def on_message_complete(self) -> None:
+        self.partial_since = None
         self._queue.append(self._current)
         if len(self._queue) > _MAX_PIPELINED and self.transport is not None:
             self.transport.pause_reading()
         if not self._busy:
             self._next()
+
+    def expire(self, now: float, idle_timeout: float, request_timeout: float) -> bool:
+        """Close the connection if it idled or trickled a request for too long; True if closed."""
+        if self._busy or self._queue or self.transport is None or self._closing:
+            return False
+        if self.partial_since is not None and now - self.partial_since > request_timeout:
+            self._reply_and_close(
+                DynamoError(
+                    408, "RequestTimeout", f"the request was not received within {request_timeout:g}s"
+                )
+            )
+            return True
+        if self.partial_since is None and now - self.last_active > idle_timeout:
+            self._closing = True
+            self.transport.close()
+            return True
+        return False
 
     # -- request handling
     def _next(self) -> None:

@@ -371,3 +371,20 @@ def test_response_relayed_unchanged(stack: SidecarStack, orders: str) -> None:
         assert int(resp_headers["x-amz-crc32"]) == zlib.crc32(resp) & 0xFFFFFFFF
         assert resp_headers["x-amzn-RequestId"]
         assert int(resp_headers["Content-Length"]) == len(resp)
+
+
+def test_slow_request_on_listener_is_cut_off(stack: SidecarStack) -> None:
+    """A client trickling a request straight into a listener gets a 408 and loses the connection."""
+    import time
+
+    timeout_http_request = 10.0  # the config default the stack uses
+    port = stack.region_ports["us-east-1"]
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_http_request + 5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        elapsed = time.monotonic() - started
+    assert data.startswith(b"HTTP/1.1 408"), data[:200]
+    assert timeout_http_request - 1 <= elapsed <= timeout_http_request + 3
