@@ -22,8 +22,8 @@ import httptools
 
 from sidecar.core import errors
 from sidecar.core.errors import DynamoError
-from sidecar.core.gate import Admitted, GatePolicy, admit
-from sidecar.core.operations import OpKind
+from sidecar.core.gate import GatePolicy, admit
+from sidecar.core.operations import OpKind, operation_from_target
 from sidecar.proxy.sigv4 import ClientVerifier, Credentials, DynamoDBRequestSigner
 from sidecar.proxy.stats import RegionStats
 from sidecar.proxy.upstream import (
@@ -44,6 +44,9 @@ _HEALTH_DOWN = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\ndown\n"
 )
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Kinds that may be sent twice when a kept-alive connection dies under them; writes and control-plane
+# operations never are (they may have been applied).
+_IDEMPOTENT = frozenset({OpKind.READ, OpKind.DESCRIBE, OpKind.ACCOUNT})
 _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
@@ -120,7 +123,6 @@ class _Request:
         self.too_large = False
         self.size = 0
         self.received = 0
-        self.admitted: Admitted | None = None
 
 
 def _error_response(error: DynamoError, close: bool = False) -> bytes:
@@ -300,13 +302,12 @@ class RegionListener(asyncio.Protocol):
                 time.time(),
             )
             if failure is not None:
-                self._refuse(req, _auth_error(failure.code, failure.message), "auth")
+                self._refuse(req, _auth_error(failure.code, failure.message), "auth", _op_label(target))
                 return
         decision = admit(policy.gate, target, body)
         if isinstance(decision, DynamoError):
-            self._refuse(req, decision, decision.code)
+            self._refuse(req, decision, decision.code, _op_label(target))
             return
-        req.admitted = decision
         assert target is not None  # admitted requests name an operation
         head = region.signer.request_head(region.credentials(), target, body, time.time())
         self._busy = True
@@ -328,12 +329,13 @@ class RegionListener(asyncio.Protocol):
                 self._write(_error_response(err, close=not req.keep_alive), req.keep_alive)
             self._next()
 
-        region.pool.send(head + body, reply, idempotent=decision.kind is not OpKind.WRITE)
+        region.pool.send(head + body, reply, idempotent=decision.kind in _IDEMPOTENT)
 
-    def _refuse(self, req: _Request, error: DynamoError, reason: str, close: bool = False) -> None:
+    def _refuse(
+        self, req: _Request, error: DynamoError, reason: str, op: str = "-", close: bool = False
+    ) -> None:
         stats = self.region.stats
         stats.refused[reason] += 1
-        op = req.admitted.operation.name if req.admitted else "-"
         stats.requests[(op, error.status)] += 1
         keep = req.keep_alive and not close
         self._write(_error_response(error, close=not keep), keep)
@@ -361,6 +363,12 @@ class RegionListener(asyncio.Protocol):
             self._closing = True
             if self.transport is not None:
                 self.transport.close()
+
+
+def _op_label(target: str | None) -> str:
+    """The operation as a metrics label: only names of real operations, never what a client made up."""
+    op = operation_from_target(target)
+    return op.name if op is not None else "-"
 
 
 def _auth_error(code: str, message: str) -> DynamoError:

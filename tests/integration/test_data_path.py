@@ -21,17 +21,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import HEALTH_TABLE, SidecarStack, isolated_aws_env, raw_post
+from tests.support.stack import HEALTH_TABLE, SidecarStack, ensure_table, isolated_aws_env, raw_post
 
 REPO = Path(__file__).resolve().parents[2]
 PERL_CLIENT = REPO / "examples" / "perl" / "ddb_client.pl"
 JSON_CT = "application/x-amz-json-1.0"
-
-
-def ensure_table(region: MotoRegion, name: str, sk: str | None = None) -> None:
-    existing = region.client().list_tables()["TableNames"]
-    if name not in existing:
-        region.create_table(name, sk=sk)
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +197,9 @@ def test_table_outside_config_refused(stack: SidecarStack) -> None:
     status, code, message = error_of(err.value)
     assert (status, code) == (400, "AccessDeniedException")
     assert "tables" in message
+    metrics = stack.metrics()
+    assert 'ddb_sidecar_refused_requests_total{reason="AccessDeniedException",region="us-east-1"}' in metrics
+    assert 'ddb_sidecar_requests_total{operation="PutItem",region="us-east-1",status="400"}' in metrics
 
 
 def test_control_plane_refused(stack: SidecarStack) -> None:
