@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
 )
@@ -327,6 +328,9 @@ def config_from_data(
             elif err["type"] == "missing":
                 msg = "required"
             problems.append(f"{_loc(err['loc'])}: {msg}")
+        # The checks of every section that is valid on its own still run (a missing template shows up
+        # together with a malformed duration elsewhere).
+        problems += _section_problems(data, base_dir, check_environment=check_environment)
         raise ConfigError(source, sorted(set(problems), key=problems.index)) from None
     config = _with_resolved_paths(config)
     problems += semantic_problems(config, check_environment=check_environment)
@@ -335,10 +339,8 @@ def config_from_data(
     return config
 
 
-def _with_resolved_paths(config: Config) -> Config:
-    base = config.base_dir
-    hp = config.haproxy
-    haproxy = hp.model_copy(
+def _resolved_haproxy(base: Path, hp: HAProxy) -> HAProxy:
+    return hp.model_copy(
         update={
             "template": _resolve(base, hp.template) if hp.template else None,
             "config": _resolve(base, hp.config),
@@ -346,7 +348,16 @@ def _with_resolved_paths(config: Config) -> Config:
             "master_socket": _resolve(base, hp.master_socket),
         }
     )
-    return config.model_copy(update={"haproxy": haproxy, "state_dir": _resolve(base, config.state_dir)})
+
+
+def _with_resolved_paths(config: Config) -> Config:
+    base = config.base_dir
+    return config.model_copy(
+        update={
+            "haproxy": _resolved_haproxy(base, config.haproxy),
+            "state_dir": _resolve(base, config.state_dir),
+        }
+    )
 
 
 def _raw_address(data: Any, *keys: str | int) -> Address | None:
@@ -420,12 +431,46 @@ def _raw_problems(data: dict[str, Any]) -> list[str]:
 
 def semantic_problems(config: Config, *, check_environment: bool = True) -> list[str]:
     """Cross-field checks on a valid model that pydantic cannot express, each as `path: message`."""
+    return (
+        _health_problems(config.health)
+        + _haproxy_problems(config.haproxy)
+        + _clients_problems(config.clients, check_environment=check_environment)
+    )
+
+
+def _section_problems(data: dict[str, Any], base_dir: Path, *, check_environment: bool) -> list[str]:
+    """`semantic_problems` for each section that validates on its own, when the whole config does not."""
     problems: list[str] = []
+    try:
+        health = Health.model_validate(data.get("health") or {})
+    except ValidationError:
+        pass
+    else:
+        problems += _health_problems(health)
+    try:
+        haproxy = HAProxy.model_validate(data.get("haproxy") or {})
+    except ValidationError:
+        pass
+    else:
+        problems += _haproxy_problems(_resolved_haproxy(base_dir, haproxy))
+    try:
+        clients = TypeAdapter(list[Client]).validate_python(data.get("clients") or [])
+    except ValidationError:
+        pass
+    else:
+        problems += _clients_problems(clients, check_environment=check_environment)
+    return problems
 
-    if config.health.timeout >= config.health.interval * 2:
-        problems.append("health.timeout: must be shorter than twice health.interval, or probes pile up")
 
-    hp = config.haproxy
+def _health_problems(health: Health) -> list[str]:
+    if health.timeout >= health.interval * 2:
+        return ["health.timeout: must be shorter than twice health.interval, or probes pile up"]
+    return []
+
+
+def _haproxy_problems(hp: HAProxy) -> list[str]:
+    """`hp` with its paths already resolved against the config file's folder."""
+    problems: list[str] = []
     if hp.template is not None and not hp.template.is_file():
         problems.append(f"haproxy.template: {hp.template} not found")
     if hp.binary is not None and not (Path(hp.binary).is_file() and os.access(hp.binary, os.X_OK)):
@@ -436,9 +481,13 @@ def semantic_problems(config: Config, *, check_environment: bool = True) -> list
             problems.append(f"{where}: path {sock} is too long for a unix socket (100 bytes at most)")
     if hp.runtime_socket == hp.master_socket:
         problems.append("haproxy.master_socket: same path as haproxy.runtime_socket")
+    return problems
 
+
+def _clients_problems(clients: list[Client], *, check_environment: bool) -> list[str]:
+    problems: list[str] = []
     seen_keys: set[str] = set()
-    for i, client in enumerate(config.clients):
+    for i, client in enumerate(clients):
         if client.access_key_id in seen_keys:
             problems.append(f"clients[{i}].access_key_id: listed twice")
         seen_keys.add(client.access_key_id)

@@ -198,6 +198,9 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
             signal.signal(signal.SIGINT, previous)
             regions[1].signal(signal.SIGCONT)
             app.close()
+        # Events since the last view (the region coming back may fall in the last second).
+        for event in _new_events(_status(admin), seen_events):
+            print(f"  event {event['at']} {event['kind']}: {event['reason']}")
 
         print("\ndemo: checking where the data went ...")
         counts = {}

@@ -43,6 +43,39 @@ def moto_server_binary() -> str:
     return found
 
 
+def bootstrap_iam(endpoint: str, region: str, seed: int = DEFAULT_SEED, user: str = IAM_USER) -> Key:
+    """Create an IAM user allowed `dynamodb:*` in a fresh moto_server; return its access key.
+
+    The server must run with INITIAL_NO_AUTH_ACTION_COUNT=3. Seeds moto's random generator first, so
+    every process bootstrapped with the same seed hands out the same key (IAM is global at AWS); then
+    spends the three unauthenticated calls on CreateUser, CreateAccessKey and PutUserPolicy. Every later
+    call to that process must be signed with the key.
+    """
+    import boto3
+    from botocore.config import Config
+
+    request = urllib.request.Request(f"{endpoint}/moto-api/seed?a={seed}", method="POST")
+    with urllib.request.urlopen(request, timeout=5.0) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{region}: seeding moto at {endpoint} answered {response.status}")
+    iam = boto3.session.Session().client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+        # One attempt, really: a retried call would spend one of the three free ones.
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
+    )
+    with contextlib.closing(iam):
+        iam.create_user(UserName=user)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        iam.put_user_policy(
+            UserName=user, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY)
+        )
+    return Key(key["AccessKeyId"], key["SecretAccessKey"])
+
+
 class LocalRegion:
     def __init__(self, name: str, port: int, log_path: Path) -> None:
         self.name = name
@@ -81,27 +114,7 @@ class LocalRegion:
                 time.sleep(0.05)
 
     def bootstrap(self, seed: int = DEFAULT_SEED) -> Key:
-        import boto3
-        from botocore.config import Config
-
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/seed?a={seed}", method="POST")
-        with urllib.request.urlopen(request, timeout=5.0):
-            pass
-        iam = boto3.session.Session().client(
-            "iam",
-            endpoint_url=self.endpoint,
-            region_name=self.name,
-            aws_access_key_id="bootstrap",
-            aws_secret_access_key="bootstrap",
-            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}),
-        )
-        with contextlib.closing(iam):
-            iam.create_user(UserName=IAM_USER)
-            key = iam.create_access_key(UserName=IAM_USER)["AccessKey"]
-            iam.put_user_policy(
-                UserName=IAM_USER, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY)
-            )
-        self.key = Key(key["AccessKeyId"], key["SecretAccessKey"])
+        self.key = bootstrap_iam(self.endpoint, self.name, seed)
         return self.key
 
     def client(self) -> Any:

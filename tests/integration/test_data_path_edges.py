@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.integration.test_data_path import ensure_table, error_of
+from tests.integration.test_data_path import error_of
 from tests.support.moto_region import MotoRegion
 from tests.support.ports import free_port
-from tests.support.stack import HEALTH_TABLE, SidecarStack, raw_post
+from tests.support.stack import HEALTH_TABLE, SidecarStack, ensure_table, raw_post
 from tests.support.wait import wait_until
 
 APP_KEY = "AKIAAPPCLIENT0000001"

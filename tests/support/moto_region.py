@@ -12,7 +12,6 @@ with the same value in every process first makes them all create the same key, l
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -23,12 +22,14 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import boto3
 import botocore.client
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
+from sidecar.localregion import DEFAULT_SEED, Key, bootstrap_iam
 
 from .ports import free_port
 from .processes import ManagedProcess
@@ -37,19 +38,11 @@ from .wait import wait_until
 logger = logging.getLogger(__name__)
 
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
-DEFAULT_SEED = 4242
 IAM_USER = "ddb-sidecar-tests"
 # One attempt, really: botocore's {"max_attempts": 1} still retries once (see FIELD-NOTES).
 ONE_ATTEMPT: dict[str, Any] = {"total_max_attempts": 1, "mode": "standard"}
-DYNAMODB_POLICY = {
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": "dynamodb:*", "Resource": "*"}],
-}
-
-
-class Credentials(NamedTuple):
-    access_key_id: str
-    secret_access_key: str
+# The key bootstrap_iam hands out: (access_key_id, secret_access_key).
+Credentials = Key
 
 
 class MotoRegion:
@@ -97,27 +90,7 @@ class MotoRegion:
 
     def bootstrap(self, seed: int = DEFAULT_SEED) -> Credentials:
         """Seed moto, then spend the three unauthenticated calls on a user, its key and a dynamodb:* policy."""
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/seed?a={seed}", method="POST")
-        with urllib.request.urlopen(request, timeout=5.0) as response:
-            if response.status != 200:
-                raise RuntimeError(f"{self.name}: seeding moto answered {response.status}")
-        iam = self._session.client(
-            "iam",
-            endpoint_url=self.endpoint,
-            region_name=self.name,
-            aws_access_key_id="bootstrap",
-            aws_secret_access_key="bootstrap",
-            config=Config(retries=ONE_ATTEMPT),
-        )
-        try:
-            iam.create_user(UserName=IAM_USER)
-            key = iam.create_access_key(UserName=IAM_USER)["AccessKey"]
-            iam.put_user_policy(
-                UserName=IAM_USER, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY)
-            )
-        finally:
-            iam.close()
-        self._credentials = Credentials(key["AccessKeyId"], key["SecretAccessKey"])
+        self._credentials = bootstrap_iam(self.endpoint, self.name, seed, user=IAM_USER)
         return self._credentials
 
     def launch(self, seed: int = DEFAULT_SEED, timeout: float = 20.0) -> MotoRegion:

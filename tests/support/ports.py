@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+from collections.abc import Iterable
 
 PORT_MIN = 20000
 PORT_MAX = 32000
@@ -46,3 +47,29 @@ def free_port(host: str = "127.0.0.1", attempts: int = 200) -> int:
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct free ports."""
     return [free_port(host) for _ in range(count)]
+
+
+def free_port_block(
+    offsets: Iterable[int],
+    low: int = PORT_MIN,
+    high: int = PORT_MAX,
+    host: str = "127.0.0.1",
+    attempts: int = 200,
+) -> int:
+    """A base port B in [low, high] such that every B + offset is free; those ports count as handed out.
+
+    For programs that take one base port and derive the others from it (`ddb-sidecar demo --base-port`).
+    """
+    wanted = sorted(set(offsets))
+    if not wanted or wanted[0] < 0 or high + wanted[-1] > 65535:
+        raise ValueError(f"bad offsets {wanted} for bases up to {high}")
+    with _lock:
+        for _ in range(attempts):
+            base = random.randint(low, high)
+            ports = [base + offset for offset in wanted]
+            if any(port in _handed_out for port in ports):
+                continue
+            if all(port_is_free(port, host) for port in ports):
+                _handed_out.update(ports)
+                return base
+    raise RuntimeError(f"no base port in {low}-{high} with {wanted} free on {host} after {attempts} attempts")

@@ -8,7 +8,9 @@ its regions are moto processes, and the config is a real sidecar.yaml written to
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import urllib.error
@@ -54,8 +56,10 @@ class SidecarStack:
         *,
         endpoints: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
+        haproxy: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        """`extra` replaces or adds top-level config keys; `haproxy` is merged into the haproxy section."""
         self.workdir = Path(tempfile.mkdtemp(prefix="sc"))
         self.listen_port = free_port()
         self.admin_port = free_port()
@@ -80,13 +84,14 @@ class SidecarStack:
             "state_dir": "run",
             "logging": {"level": "info"},
         }
+        self.config["haproxy"].update(haproxy or {})
         for key, value in (extra or {}).items():
             self.config[key] = value
         self.config_path = self.workdir / "sidecar.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.write_config()
         creds = regions[0].credentials
         self.env = {
-            **_base_env(),
+            **base_env(),
             **isolated_aws_env(creds.access_key_id, creds.secret_access_key),
             **(env or {}),
         }
@@ -97,6 +102,38 @@ class SidecarStack:
             env=self.env,
             cwd=self.workdir,
         )
+
+    def write_config(self, **changes: Any) -> None:
+        """Replace top-level keys of the config (none: rewrite it as is) and write the file.
+
+        The running daemon sees the change only on SIGHUP (`signal(signal.SIGHUP)`) or a restart.
+        """
+        self.config.update(changes)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    @property
+    def pid(self) -> int | None:
+        """The `ddb-sidecar run` process (HAProxy, when managed, is its child: `status()["haproxy"]["pid"]`)."""
+        return self.process.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to the sidecar process alone, as an operator's `kill` would (not its process group)."""
+        if self.process.pid is None:
+            raise RuntimeError("the sidecar was never started")
+        os.kill(self.process.pid, sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Poll until the sidecar process has exited; return its exit code."""
+        code: int = wait_until(
+            lambda: (self.process.returncode,) if self.process.returncode is not None else None,
+            timeout,
+            interval=0.05,
+            message="the sidecar process to exit",
+        )[0]
+        return code
+
+    def log_text(self) -> str:
+        return self.process.log_path.read_text(encoding="utf-8", errors="replace")
 
     @property
     def url(self) -> str:
@@ -162,9 +199,15 @@ class SidecarStack:
             config=BotoConfig(retries=config.pop("retries", ONE_ATTEMPT), **config),
         )
 
-    def stop(self) -> int | None:
+    def stop(self, remove_workdir: bool = True) -> int | None:
+        """Stop the sidecar (SIGTERM, SIGKILL after 10 s); return its exit code (None: never started).
+
+        `remove_workdir=False` keeps the config, HAProxy's config and sockets (for an HAProxy that is not
+        the sidecar's own and outlives it); remove `workdir` yourself then.
+        """
         code = self.process.stop(timeout=10.0)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if remove_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return code
 
     def __enter__(self) -> SidecarStack:
@@ -174,9 +217,24 @@ class SidecarStack:
         self.stop()
 
 
-def _base_env() -> dict[str, str]:
-    import os
+def ensure_table(region: MotoRegion, name: str, sk: str | None = None) -> None:
+    """Create `name` (string keys `pk`, optional `sk`) in `region` unless it exists already."""
+    if name not in region.client().list_tables()["TableNames"]:
+        region.create_table(name, sk=sk)
 
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` is a live process (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            # pid (comm) state ...; comm may contain spaces and parentheses: the state follows the last ')'.
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def base_env() -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
     return {k: v for k, v in os.environ.items() if k in keep}
 
