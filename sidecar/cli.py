@@ -118,6 +118,9 @@ def run(config_path: Path) -> None:
 async def _run(config: Config, config_path: Path) -> int:
     from sidecar.admin import start_admin
     from sidecar.engine import Daemon
+    from sidecar.haproxy.binary import HAProxyNotFound
+    from sidecar.haproxy.process import HAProxyError
+    from sidecar.haproxy.render import RenderError
     from sidecar.proxy.credentials import CredentialsUnavailable
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +128,15 @@ async def _run(config: Config, config_path: Path) -> int:
     loop = asyncio.get_running_loop()
     try:
         await daemon.start()
-    except CredentialsUnavailable as exc:
+    except (CredentialsUnavailable, HAProxyNotFound) as exc:
         logger.error("cannot start: %s", exc)
         return EXIT_CONFIG
+    except RenderError as exc:
+        logger.error("cannot start: the rendered HAProxy config is invalid: %s", exc)
+        return EXIT_CONFIG
+    except HAProxyError as exc:
+        logger.error("cannot start: HAProxy did not start: %s", exc)
+        return EXIT_FAILED
     except OSError as exc:
         logger.error("cannot start: %s", exc)
         return EXIT_FAILED

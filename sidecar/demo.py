@@ -66,6 +66,11 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
         for name in ("us-east-1", "eu-west-1")
     ]
     sidecar: subprocess.Popen[bytes] | None = None
+
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally below, which stops every process
+
+    signal.signal(signal.SIGTERM, interrupted)
     print(f"demo: working in {work}")
     try:
         print("demo: starting two local DynamoDB regions (moto_server, signature checking on) ...")
@@ -161,6 +166,7 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
         frozen = thawed = False
         seen_events: set[tuple[str, str, str]] = {(e["at"], e["kind"], e["reason"]) for e in status["events"]}
         previous = signal.signal(signal.SIGINT, on_signal)
+        previous_term = signal.signal(signal.SIGTERM, on_signal)
         try:
             while not stop and (duration is None or time.monotonic() - started < duration):
                 if not frozen and time.monotonic() >= freeze_at:
@@ -196,6 +202,7 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int) -> in
                 time.sleep(0.02)
         finally:
             signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGTERM, previous_term)
             regions[1].signal(signal.SIGCONT)
             app.close()
         # Events since the last view (the region coming back may fall in the last second).

@@ -208,6 +208,8 @@ class Daemon:
                 needs_restart.append(key)
         self._policy = data_path_policy(config)
         self.config = config.model_copy(update={k: getattr(old, k) for k in needs_restart})
+        for probe in self._probe.values():
+            probe.pool.request_timeout = self.config.health.timeout
         self.event(
             "reload",
             "config reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""),
@@ -249,12 +251,12 @@ class Daemon:
 
     # -- probes
     async def _probe_loop(self, probe: _ProbeRegion) -> None:
-        interval = self.config.health.interval
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
             outcome = await self._probe_once(probe)
             self._record_probe(probe, outcome)
+            interval = self.config.health.interval  # read each time: SIGHUP may change it
             next_at += interval
             now = loop.time()
             if next_at < now:  # a slow probe: skip the missed slots rather than bursting
