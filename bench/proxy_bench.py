@@ -317,6 +317,11 @@ def main() -> int:
             run["cpu_us_per_req"] = (cpu_seconds(sidecar.pid) - cpu0) / max(run["requests"], 1) * 1e6
             results["sidecar"].append(run)
         memory = rss_mb(sidecar.pid)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+        connects = re.search(
+            r'^ddb_sidecar_upstream_connects_total\{region="us-east-1"\} (\S+)$', metrics, re.M
+        )
 
         def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
             return max(rows, key=lambda r: r["rps"])
@@ -337,6 +342,8 @@ def main() -> int:
         print(f"ratio sidecar/baseline: {ratio:.2f}   (bar >= 0.25, goal >= 0.5)")
         print(f"sidecar CPU per request: {cpu:.1f} us   (bar <= 150, goal <= 60)")
         print(f"sidecar resident memory after the run: {memory:.1f} MB   (bar < 100)")
+        total = sum(r["requests"] for r in results["sidecar"])
+        print(f"upstream connections opened for {total} requests: {connects.group(1) if connects else '?'}")
         if through["non2xx"] or through.get("errors"):
             print("WARNING: the sidecar path returned errors; see", work / "sidecar.log")
             return 1

@@ -110,6 +110,7 @@ class _Request:
         "method",
         "received",
         "size",
+        "target",
         "too_large",
         "url",
     )
@@ -123,6 +124,7 @@ class _Request:
         self.too_large = False
         self.size = 0
         self.received = 0
+        self.target: str | None = None
 
 
 def _error_response(error: DynamoError, close: bool = False) -> bytes:
@@ -151,7 +153,11 @@ class RegionListener(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._current = _Request()
+        # Bytes received while a request's headers are being read (a bound on header size: llhttp has
+        # none). Counted per chunk, so a chunk carrying a body is counted too: the limit is generous.
         self._header_bytes = 0
+        self._reading_headers = True
+        self._add_header = self._current.headers.append
         self._queue: deque[_Request] = deque()
         self._busy = False
         self._closing = False
@@ -173,6 +179,10 @@ class RegionListener(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         try:
+            if self._reading_headers:
+                self._header_bytes += len(data)
+                if self._header_bytes > _MAX_HEADER_BYTES:
+                    raise httptools.HttpParserError("request headers larger than 64 KiB")
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reply_and_close(
@@ -188,27 +198,30 @@ class RegionListener(asyncio.Protocol):
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
-        self._current = _Request()
-        self._header_bytes = 0
+        req = self._current = _Request()
+        self._add_header = req.headers.append
         self.partial_since = self.last_active
 
     def on_url(self, url: bytes) -> None:
         self._current.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > _MAX_HEADER_BYTES:
-            raise httptools.HttpParserError("request headers larger than 64 KiB")
-        self._current.headers.append((name, value))
+        # Called per header, per request: kept to one append. The size limit is enforced per chunk in
+        # data_received (llhttp itself has no limit).
+        self._add_header((name, value))
 
     def on_headers_complete(self) -> None:
+        self._reading_headers = False
+        self._header_bytes = 0
         req = self._current
         req.method = self._parser.get_method()
         req.keep_alive = self._parser.should_keep_alive()
         limit = self.region.policy().gate.max_body_bytes
         for name, value in req.headers:
             lname = name.lower()
-            if lname == b"content-length":
+            if lname == b"x-amz-target":
+                req.target = value.decode("latin-1")
+            elif lname == b"content-length":
                 try:
                     req.size = int(value)
                     req.too_large = req.size > limit
@@ -231,6 +244,7 @@ class RegionListener(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.partial_since = None
+        self._reading_headers = True
         self._queue.append(self._current)
         if len(self._queue) > _MAX_PIPELINED and self.transport is not None:
             self.transport.pause_reading()
@@ -287,11 +301,7 @@ class RegionListener(asyncio.Protocol):
             )
             return
         body = req.body[0] if len(req.body) == 1 else b"".join(req.body)
-        target: str | None = None
-        for name, value in req.headers:
-            if len(name) == 12 and name.lower() == b"x-amz-target":
-                target = value.decode("latin-1")
-                break
+        target = req.target
         if policy.verifier is not None:
             failure = policy.verifier.verify(
                 req.method.decode(),
