@@ -153,10 +153,8 @@ class RegionListener(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._current = _Request()
-        # Bytes received while a request's headers are being read (a bound on header size: llhttp has
-        # none). Counted per chunk, so a chunk carrying a body is counted too: the limit is generous.
         self._header_bytes = 0
-        self._reading_headers = True
+        self._parse_error: str | None = None
         self._add_header = self._current.headers.append
         self._queue: deque[_Request] = deque()
         self._busy = False
@@ -179,19 +177,14 @@ class RegionListener(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         try:
-            if self._reading_headers:
-                self._header_bytes += len(data)
-                if self._header_bytes > _MAX_HEADER_BYTES:
-                    raise httptools.HttpParserError("request headers larger than 64 KiB")
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reply_and_close(
                 DynamoError(400, "SerializationException", "protocol upgrades are not supported")
             )
         except httptools.HttpParserError as exc:
-            self._reply_and_close(
-                DynamoError(400, "SerializationException", f"malformed HTTP request: {str(exc)[:120]}")
-            )
+            detail = self._parse_error or f"malformed HTTP request: {str(exc)[:120]}"
+            self._reply_and_close(DynamoError(400, "SerializationException", detail))
         except Exception:
             logger.exception("listener %s: unexpected error while parsing a request", self.region.name)
             self._reply_and_close(DynamoError(500, "InternalServerError", "ddb-sidecar internal error"))
@@ -200,19 +193,22 @@ class RegionListener(asyncio.Protocol):
     def on_message_begin(self) -> None:
         req = self._current = _Request()
         self._add_header = req.headers.append
+        self._header_bytes = 0
         self.partial_since = self.last_active
 
     def on_url(self, url: bytes) -> None:
         self._current.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Called per header, per request: kept to one append. The size limit is enforced per chunk in
-        # data_received (llhttp itself has no limit).
+        # llhttp itself sets no limit on header size.
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _MAX_HEADER_BYTES:
+            # httptools reports an exception raised here only as "User callback error": keep ours.
+            self._parse_error = "request headers larger than 64 KiB"
+            raise httptools.HttpParserError(self._parse_error)
         self._add_header((name, value))
 
     def on_headers_complete(self) -> None:
-        self._reading_headers = False
-        self._header_bytes = 0
         req = self._current
         req.method = self._parser.get_method()
         req.keep_alive = self._parser.should_keep_alive()
@@ -244,7 +240,6 @@ class RegionListener(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.partial_since = None
-        self._reading_headers = True
         self._queue.append(self._current)
         if len(self._queue) > _MAX_PIPELINED and self.transport is not None:
             self.transport.pause_reading()

@@ -385,3 +385,14 @@ def test_slow_request_on_listener_is_cut_off(stack: SidecarStack) -> None:
         elapsed = time.monotonic() - started
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert timeout_http_request - 1 <= elapsed <= timeout_http_request + 3
+
+
+def test_oversized_headers_refused(stack: SidecarStack) -> None:
+    port = stack.region_ports["us-east-1"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 70000 + b"\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert b"64 KiB" in data
