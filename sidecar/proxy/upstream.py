@@ -443,5 +443,7 @@ def _describe_connect_error(exc: BaseException, ep: Endpoint, timeout: float) ->
         return f"connect to {where} refused"
     if isinstance(exc, ssl.SSLError):
         # verify_message tells a wrong name from an untrusted CA; reason alone says only VERIFY_FAILED.
-        return f"TLS handshake with {where} failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+        return (
+            f"TLS handshake with {where} failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}"
+        )
     return f"connect to {where} failed: {getattr(exc, 'strerror', None) or type(exc).__name__}"
