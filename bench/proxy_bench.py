@@ -79,35 +79,37 @@ def request_body() -> bytes:
     return out
 
 
-def haproxy_cfg_stub(port: int, body: bytes) -> str:
-    crc = zlib.crc32(body) & 0xFFFFFFFF
-    return f"""global
+_HAPROXY_COMMON = """global
     maxconn 4000
 defaults
     mode http
     timeout client 30s
     timeout server 30s
     timeout connect 2s
-frontend stub
-    bind 127.0.0.1:{port}
-    http-request return status 200 content-type application/x-amz-json-1.0 hdr x-amz-crc32 {crc} hdr x-amzn-RequestId BENCHREQUESTID0000000000000000000000000000000000 string '{body.decode()}'
 """
 
 
+def haproxy_cfg_stub(port: int, body: bytes) -> str:
+    crc = zlib.crc32(body) & 0xFFFFFFFF
+    return (
+        _HAPROXY_COMMON
+        + f"""frontend stub
+    bind 127.0.0.1:{port}
+    http-request return status 200 content-type application/x-amz-json-1.0 hdr x-amz-crc32 {crc} hdr x-amzn-RequestId BENCHREQUESTID0000000000000000000000000000000000 string '{body.decode()}'
+"""
+    )
+
+
 def haproxy_cfg_direct(port: int, stub: int) -> str:
-    return f"""global
-    maxconn 4000
-defaults
-    mode http
-    timeout client 30s
-    timeout server 30s
-    timeout connect 2s
-frontend direct
+    return (
+        _HAPROXY_COMMON
+        + f"""frontend direct
     bind 127.0.0.1:{port}
     default_backend stub
 backend stub
     server stub 127.0.0.1:{stub}
 """
+    )
 
 
 def wait_http(url: str, timeout: float = 20.0) -> None:

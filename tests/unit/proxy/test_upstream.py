@@ -16,6 +16,7 @@ from sidecar.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from tests.support.httpstub import read_request
 from tests.support.ports import free_port
 
 REQUEST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
@@ -42,12 +43,7 @@ class StubServer:
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 self.requests += 1
                 answer = self.behaviour(self.requests)
                 if answer is None:  # hang up without answering

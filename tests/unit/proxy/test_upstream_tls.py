@@ -29,6 +29,7 @@ from sidecar.proxy.upstream import (
     UpstreamResponse,
     UpstreamUnreachable,
 )
+from tests.support.httpstub import read_request
 from tests.support.ports import free_port
 from tests.support.wait import async_wait_until
 
@@ -86,12 +87,7 @@ class TlsServer:
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                await read_request(reader)
                 self.requests += 1
                 writer.write(OK)
                 await writer.drain()
