@@ -54,7 +54,7 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "at": datetime.fromtimestamp(self.at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "at": _iso(self.at),
             "kind": self.kind,
             "reason": self.reason,
         }
@@ -335,6 +335,8 @@ class Daemon:
                     "requests": runtime.stats.total(),
                     "errors": runtime.stats.errors(),
                     "upstream_connections": runtime.pool.size,
+                    "last_upstream_error": runtime.pool.stats.last_error,
+                    "last_upstream_error_at": _iso(runtime.pool.stats.last_error_at),
                 }
             )
         return {
@@ -351,6 +353,10 @@ class Daemon:
             "events": [e.to_json() for e in reversed(self.events)],
             "uptime_s": round(time.time() - self.started_at, 1),
         }
+
+
+def _iso(at: float | None) -> str | None:
+    return None if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _desired_active(weights: dict[str, int]) -> str | None:

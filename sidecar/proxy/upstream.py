@@ -21,7 +21,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -117,14 +117,11 @@ class PoolStats:
     retries: int = 0
     queued: int = 0
     last_error: str | None = None
-    last_error_at: float = 0.0
-    recent: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=64))
+    last_error_at: float | None = None
 
     def error(self, kind: str, detail: str) -> None:
-        now = time.time()
         self.last_error = f"{kind}: {detail}"
-        self.last_error_at = now
-        self.recent.append((now, kind))
+        self.last_error_at = time.time()
 
 
 class _Exchange:

@@ -84,6 +84,8 @@ def test_unreachable_region_gets_retryable_error_and_daemon_survives(
 
         state = wait_until(down, 10, message="eu-west-1 reported down")
         assert "refused" in state["cause"]
+        assert "refused" in state["last_upstream_error"]
+        assert state["last_upstream_error_at"]
         # The home region keeps serving through the stable address.
         stack.client().put_item(TableName=table, Item={"pk": {"S": "alive"}})
         assert "Item" in stack.client().get_item(TableName=table, Key={"pk": {"S": "alive"}})
