@@ -221,7 +221,11 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="alternating baseline/sidecar rounds")
-    parser.add_argument("--profile", type=Path, help="py-spy flame data of the sidecar during its rounds")
+    parser.add_argument("--profile", type=Path, help="py-spy flame data of each sidecar during its rounds")
+    parser.add_argument(
+        "--listeners", nargs="+", choices=["tcp", "unix"], default=["tcp", "unix"],
+        help="how HAProxy reaches the region listener (default: measure both)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     haproxy = find_haproxy(None)
@@ -244,27 +248,10 @@ def main() -> int:
 
     try:
         stub_port, direct_port = free_port(), free_port()
-        listen, admin, stats, listener = free_port(), free_port(), free_port(), free_port()
         (work / "stub.cfg").write_text(haproxy_cfg_stub(stub_port, stub_body()))
         (work / "direct.cfg").write_text(haproxy_cfg_direct(direct_port, stub_port))
         spawn([haproxy, "-f", str(work / "stub.cfg")], "stub")
         spawn([haproxy, "-f", str(work / "direct.cfg")], "direct")
-        config = {
-            "listen": f"127.0.0.1:{listen}",
-            "regions": [
-                {
-                    "name": "us-east-1",
-                    "endpoint": f"http://127.0.0.1:{stub_port}",
-                    "proxy": f"127.0.0.1:{listener}",
-                }
-            ],
-            "tables": [TABLE],
-            "health": {"table": TABLE},
-            "haproxy": {"manage": True, "stats": f"127.0.0.1:{stats}"},
-            "admin": f"127.0.0.1:{admin}",
-            "logging": {"level": "warning"},
-        }
-        (work / "sidecar.yaml").write_text(yaml.safe_dump(config))
         env = {
             **os.environ,
             "AWS_ACCESS_KEY_ID": "AKIABENCH00000000001",
@@ -274,82 +261,111 @@ def main() -> int:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
         env.pop("AWS_SESSION_TOKEN", None)
-        sidecar = spawn(
-            [str(Path(sys.executable).parent / "ddb-sidecar"), "run", "-c", str(work / "sidecar.yaml")],
-            "sidecar",
-            env,
-        )
+
+        # Two sidecars, identical but for how HAProxy reaches the region listener: loopback TCP (the
+        # default) and a unix socket (`proxy: unix:PATH`).
+        sidecars: dict[str, dict[str, Any]] = {}
+        for kind in args.listeners:
+            folder = work / kind
+            folder.mkdir()
+            listen, admin, stats = free_port(), free_port(), free_port()
+            proxy = f"127.0.0.1:{free_port()}" if kind == "tcp" else "unix:run/us-east-1.sock"
+            config = {
+                "listen": f"127.0.0.1:{listen}",
+                "regions": [
+                    {"name": "us-east-1", "endpoint": f"http://127.0.0.1:{stub_port}", "proxy": proxy}
+                ],
+                "tables": [TABLE],
+                "health": {"table": TABLE},
+                "haproxy": {"manage": True, "stats": f"127.0.0.1:{stats}"},
+                "admin": f"127.0.0.1:{admin}",
+                "logging": {"level": "warning"},
+            }
+            (folder / "sidecar.yaml").write_text(yaml.safe_dump(config))
+            proc = spawn(
+                [str(Path(sys.executable).parent / "ddb-sidecar"), "run", "-c", str(folder / "sidecar.yaml")],
+                f"sidecar-{kind}",
+                env,
+            )
+            sidecars[kind] = {"proc": proc, "url": f"http://127.0.0.1:{listen}/", "admin": admin, "runs": []}
         wait_http(f"http://127.0.0.1:{direct_port}/")
-        wait_http(f"http://127.0.0.1:{admin}/status")
-        wait_http(f"http://127.0.0.1:{listen}/")
+        for sc in sidecars.values():
+            wait_http(f"http://127.0.0.1:{sc['admin']}/status")
+            wait_http(sc["url"])
 
         def load(url: str) -> dict[str, Any]:
             if use_wrk:
                 return run_wrk(url, script, args.seconds, args.connections)
             return run_python_load(url, body, args.seconds, args.connections)
 
-        load(f"http://127.0.0.1:{listen}/")  # warm-up: connections, caches
-        results: dict[str, list[dict[str, Any]]] = {"direct": [], "sidecar": []}
+        for sc in sidecars.values():
+            load(sc["url"])  # warm-up: connections, caches
+        direct_runs: list[dict[str, Any]] = []
         for _ in range(args.rounds):
-            results["direct"].append(load(f"http://127.0.0.1:{direct_port}/"))
-            cpu0 = cpu_seconds(sidecar.pid)
-            spy = None
-            if args.profile and shutil.which("py-spy"):
-                spy = subprocess.Popen(
-                    [
-                        "py-spy",
-                        "record",
-                        "-r",
-                        "500",
-                        "-f",
-                        "raw",
-                        "-o",
-                        str(args.profile),
-                        "-p",
-                        str(sidecar.pid),
-                        "-d",
-                        str(int(args.seconds)),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            run = load(f"http://127.0.0.1:{listen}/")
-            if spy is not None:
-                spy.wait(30)
-            run["cpu_us_per_req"] = (cpu_seconds(sidecar.pid) - cpu0) / max(run["requests"], 1) * 1e6
-            results["sidecar"].append(run)
-        memory = rss_mb(sidecar.pid)
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as resp:
-            metrics = resp.read().decode()
-        connects = re.search(
-            r'^ddb_sidecar_upstream_connects_total\{region="us-east-1"\} (\S+)$', metrics, re.M
-        )
+            direct_runs.append(load(f"http://127.0.0.1:{direct_port}/"))
+            for kind, sc in sidecars.items():
+                pid = sc["proc"].pid
+                cpu0 = cpu_seconds(pid)
+                spy = None
+                if args.profile and shutil.which("py-spy"):
+                    spy = subprocess.Popen(
+                        ["py-spy", "record", "-r", "500", "-f", "raw", "-o", f"{args.profile}.{kind}",
+                         "-p", str(pid), "-d", str(int(args.seconds))],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                run = load(sc["url"])
+                if spy is not None:
+                    spy.wait(30)
+                run["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) / max(run["requests"], 1) * 1e6
+                sc["runs"].append(run)
 
         def best(rows: list[dict[str, Any]]) -> dict[str, Any]:
             return max(rows, key=lambda r: r["rps"])
 
-        direct, through = best(results["direct"]), best(results["sidecar"])
-        cpu = min(r["cpu_us_per_req"] for r in results["sidecar"])
-        ratio = through["rps"] / direct["rps"]
+        direct = best(direct_runs)
         tool = "wrk" if use_wrk else "python load generator (wrk not installed)"
         print(
             f"\nddb-sidecar data-path benchmark ({tool}, {args.connections} keep-alive connections, "
             f"1 KB POST bodies, {args.seconds:g}s x {args.rounds} rounds, best round shown)"
         )
-        print(f"{'path':<36}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>10}")
-        for name, row in (("HAProxy -> stub (baseline)", direct), ("HAProxy -> sidecar -> stub", through)):
+        print(
+            f"{'path':<44}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'ratio':>7}{'CPU us/req':>12}{'RSS MB':>8}"
+        )
+        print(
+            f"{'HAProxy -> stub (baseline)':<44}{direct['rps']:>9.0f}{direct['p50_us'] / 1000:>8.2f}"
+            f"{direct['p99_us'] / 1000:>8.2f}{'1.00':>7}{'-':>12}{'-':>8}"
+        )
+        failed = False
+        for kind, sc in sidecars.items():
+            through = best(sc["runs"])
+            cpu = min(r["cpu_us_per_req"] for r in sc["runs"])
+            sc["memory"] = rss_mb(sc["proc"].pid)
+            name = f"HAProxy -{'tcp' if kind == 'tcp' else 'unix socket'}-> sidecar -> stub"
             print(
-                f"{name:<36}{row['rps']:>10.0f}{row['p50_us'] / 1000:>10.2f}{row['p99_us'] / 1000:>10.2f}{row['non2xx']:>10}"
+                f"{name:<44}{through['rps']:>9.0f}{through['p50_us'] / 1000:>8.2f}"
+                f"{through['p99_us'] / 1000:>8.2f}{through['rps'] / direct['rps']:>7.2f}{cpu:>12.1f}"
+                f"{sc['memory']:>8.1f}"
             )
-        print(f"ratio sidecar/baseline: {ratio:.2f}   (bar >= 0.25, goal >= 0.5)")
-        print(f"sidecar CPU per request: {cpu:.1f} us   (bar <= 150, goal <= 60)")
-        print(f"sidecar resident memory after the run: {memory:.1f} MB   (bar < 100)")
-        total = sum(r["requests"] for r in results["sidecar"])
-        print(f"upstream connections opened for {total} requests: {connects.group(1) if connects else '?'}")
-        if through["non2xx"] or through.get("errors"):
-            print("WARNING: the sidecar path returned errors; see", work / "sidecar.log")
-            return 1
-        return 0
+            with urllib.request.urlopen(f"http://127.0.0.1:{sc['admin']}/metrics", timeout=5) as resp:
+                connects = re.search(
+                    r'^ddb_sidecar_upstream_connects_total\{region="us-east-1"\} (\S+)$',
+                    resp.read().decode(),
+                    re.M,
+                )
+            sc["connects"] = connects.group(1) if connects else "?"
+            if through["non2xx"] or through.get("errors"):
+                print(f"WARNING: the {kind} sidecar returned errors; see", work / f"sidecar-{kind}.log")
+                failed = True
+        print("bars: ratio >= 0.25, CPU <= 150 us, RSS < 100 MB; goals: ratio >= 0.5, CPU <= 60 us")
+        print(
+            "upstream connections opened: "
+            + ", ".join(
+                f"{kind} {sc['connects']} for {sum(r['requests'] for r in sc['runs'])} requests"
+                for kind, sc in sidecars.items()
+            )
+        )
+        return 1 if failed else 0
     finally:
         for proc in reversed(procs):
             try:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from sidecar.config import Config
+from sidecar.config import Address, Config, UnixAddress
 from sidecar.core.gate import GatePolicy
 from sidecar.core.health import Cause, HealthState, ProbeOutcome, classify_failure, classify_response, observe
 from sidecar.haproxy.binary import find_haproxy
@@ -132,13 +135,7 @@ class Daemon:
         try:
             for region in cfg.regions:
                 runtime = self.regions[region.name]
-                server = await loop.create_server(
-                    lambda runtime=runtime: self._new_connection(runtime),  # type: ignore[misc]
-                    region.proxy.host,
-                    region.proxy.port,
-                    reuse_address=True,
-                    backlog=1024,
-                )
+                server = await self._listen(region.proxy, runtime)
                 self._servers.append(server)
                 logger.info("region %s: listening on %s, upstream %s", region.name, region.proxy, region.url)
             for name, probe in self._probe.items():
@@ -150,6 +147,22 @@ class Daemon:
             await self.stop()
             raise
         self.event("start", f"ddb-sidecar started; home region {cfg.home.name}")
+
+    async def _listen(self, where: Address | UnixAddress, runtime: RegionRuntime) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+
+        def factory() -> RegionListener:
+            return self._new_connection(runtime)
+
+        if isinstance(where, UnixAddress):
+            path = where.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_socket():
+                _remove_stale_socket(path)
+            server = await loop.create_unix_server(factory, str(path), backlog=1024)
+            path.chmod(0o600)  # HAProxy runs as our user; nobody else may sign with our credentials
+            return server
+        return await loop.create_server(factory, where.host, where.port, reuse_address=True, backlog=1024)
 
     async def _start_haproxy(self) -> None:
         cfg = self.config
@@ -353,6 +366,20 @@ class Daemon:
             "events": [e.to_json() for e in reversed(self.events)],
             "uptime_s": round(time.time() - self.started_at, 1),
         }
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a dead process; refuse one a live process still answers on."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+    else:
+        raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process (another ddb-sidecar?)")
+    finally:
+        probe.close()
 
 
 def _iso(at: float | None) -> str | None:

