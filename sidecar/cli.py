@@ -191,6 +191,10 @@ def status(config_path: Path, as_json: bool) -> None:
         latency = f"{r['latency_ms']:.1f}ms" if r.get("latency_ms") is not None else "-"
         weight = "?" if r.get("weight") is None else str(r["weight"])
         click.echo(f"{r['name']:<16}{r['state']:<9}{weight:>7}{latency:>10}  {r.get('cause') or ''}")
+        if r.get("last_upstream_error"):
+            click.echo(
+                f"{'':<16}last upstream error at {r.get('last_upstream_error_at')}: {r['last_upstream_error']}"
+            )
     hp = doc.get("haproxy", {})
     if hp.get("weights_error"):
         click.echo(f"haproxy: {hp['weights_error']}")
