@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ from botocore.exceptions import ClientError
 from tests.integration.test_data_path import error_of
 from tests.support.moto_region import MotoRegion
 from tests.support.ports import free_port
-from tests.support.stack import HEALTH_TABLE, SidecarStack, ensure_table, raw_post
+from tests.support.stack import HEALTH_TABLE, SIDECAR, SidecarStack, ensure_table, raw_post
 from tests.support.wait import wait_until
 
 APP_KEY = "AKIAAPPCLIENT0000001"
@@ -86,6 +87,15 @@ def test_unreachable_region_gets_retryable_error_and_daemon_survives(
         assert "refused" in state["cause"]
         assert "refused" in state["last_upstream_error"]
         assert state["last_upstream_error_at"]
+        text = subprocess.run(
+            [str(SIDECAR), "status", "-c", str(stack.config_path)], capture_output=True, text=True, timeout=30
+        )
+        assert text.returncode == 0, text.stderr
+        lines = text.stdout.splitlines()
+        assert lines[0].startswith("active region: us-east-1")
+        eu = next(i for i, line in enumerate(lines) if line.startswith("eu-west-1"))
+        assert " down " in lines[eu] and "refused" in lines[eu]
+        assert "last upstream error" in lines[eu + 1] and "refused" in lines[eu + 1]
         # The home region keeps serving through the stable address.
         stack.client().put_item(TableName=table, Item={"pk": {"S": "alive"}})
         assert "Item" in stack.client().get_item(TableName=table, Key={"pk": {"S": "alive"}})
