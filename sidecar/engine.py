@@ -23,7 +23,15 @@ import orjson
 
 from sidecar.config import Address, Config, UnixAddress
 from sidecar.core.gate import GatePolicy
-from sidecar.core.health import Cause, HealthState, ProbeOutcome, classify_failure, classify_response, observe
+from sidecar.core.health import (
+    Cause,
+    HealthState,
+    ProbeOutcome,
+    classify_failure,
+    classify_response,
+    error_code,
+    observe,
+)
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.process import HAProxyProcess
 from sidecar.haproxy.render import render_to_file
@@ -300,7 +308,9 @@ class Daemon:
         if error is not None:
             return classify_failure(error.kind, error.detail)
         assert response is not None
-        return classify_response(response.status, _error_code(response), latency, cfg.health.slow)
+        return classify_response(
+            response.status, error_code(response.status, response.body), latency, cfg.health.slow
+        )
 
     def _record_probe(self, probe: _ProbeRegion, outcome: ProbeOutcome) -> None:
         before = probe.state
@@ -388,22 +398,3 @@ def _iso(at: float | None) -> str | None:
 
 def _desired_active(weights: dict[str, int]) -> str | None:
     return next((name for name, w in weights.items() if w > 0), None)
-
-
-def _error_code(response: UpstreamResponse) -> str | None:
-    if response.status < 400:
-        return None
-    try:
-        data = orjson.loads(response.body)
-    except orjson.JSONDecodeError:
-        # moto answers bad signatures with XML; AWS with JSON. Pick the code out of either.
-        text = response.body[:2000].decode("utf-8", "replace")
-        start = text.find("<Code>")
-        if start >= 0:
-            end = text.find("</Code>", start)
-            return text[start + 6 : end] if end > 0 else None
-        return None
-    if isinstance(data, dict):
-        kind = data.get("__type") or data.get("code") or ""
-        return str(kind).rsplit("#", 1)[-1] or None
-    return None

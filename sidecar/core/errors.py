@@ -195,6 +195,15 @@ def upstream_failed(region: str, detail: str) -> DynamoError:
     )
 
 
+def for_upstream_failure(region: str, *, sent: bool, kind: str, detail: str, timeout: float) -> DynamoError:
+    """What the client hears when the region gave no answer: whether a retry is safe depends on `sent`."""
+    if not sent:
+        return region_unreachable(region, detail)
+    if kind == "timeout":
+        return upstream_timeout(region, timeout)
+    return upstream_failed(region, detail)
+
+
 def not_found(path: str) -> DynamoError:
     # Drop the query string: presigned URLs carry credentials there.
     shown = _clip(path.partition("?")[0], 100)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+import orjson
+
 
 class Cause(enum.StrEnum):
     OK = "ok"
@@ -56,6 +58,26 @@ class ProbeOutcome:
     @property
     def is_outage(self) -> bool:
         return self.cause in OUTAGE_CAUSES
+
+
+def error_code(status: int, body: bytes) -> str | None:
+    """The error code of a DynamoDB answer: `__type`'s name from JSON (AWS), or `<Code>` from XML (moto
+    answers bad signatures with XML)."""
+    if status < 400:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body[:2000].decode("utf-8", "replace")
+        start = text.find("<Code>")
+        if start >= 0:
+            end = text.find("</Code>", start)
+            return text[start + 6 : end] if end > 0 else None
+        return None
+    if isinstance(data, dict):
+        kind = data.get("__type") or data.get("code") or ""
+        return str(kind).rsplit("#", 1)[-1] or None
+    return None
 
 
 def classify_response(status: int, error_code: str | None, latency: float, slow_after: float) -> ProbeOutcome:

@@ -30,7 +30,6 @@ from sidecar.proxy.upstream import (
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
-    UpstreamTimeout,
 )
 
 logger = logging.getLogger(__name__)
@@ -328,7 +327,13 @@ class RegionListener(asyncio.Protocol):
                 self._write_response(response, req.keep_alive)
             else:
                 assert error is not None
-                err = _upstream_error(region.name, error, region.pool.request_timeout)
+                err = errors.for_upstream_failure(
+                    region.name,
+                    sent=error.sent,
+                    kind=error.kind,
+                    detail=error.detail,
+                    timeout=region.pool.request_timeout,
+                )
                 region.stats.upstream_errors[type(error).__name__] += 1
                 region.stats.requests[(decision.operation.name, err.status)] += 1
                 self._write(_error_response(err, close=not req.keep_alive), req.keep_alive)
@@ -382,11 +387,3 @@ def _auth_error(code: str, message: str) -> DynamoError:
     if code == "UnrecognizedClientException":
         return errors.unrecognized_client()
     return errors.invalid_signature(message)
-
-
-def _upstream_error(region: str, error: UpstreamError, timeout: float) -> DynamoError:
-    if not error.sent:
-        return errors.region_unreachable(region, error.detail)
-    if isinstance(error, UpstreamTimeout):
-        return errors.upstream_timeout(region, timeout)
-    return errors.upstream_failed(region, error.detail)

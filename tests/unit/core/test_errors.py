@@ -176,3 +176,24 @@ def test_details_are_clipped() -> None:
     ):
         assert len(error.message) < 800
     assert len(errors.validation("v" * 5000).message) <= 1000
+
+
+def test_upstream_failure_says_whether_a_retry_is_safe() -> None:
+    from sidecar.core.errors import for_upstream_failure
+
+    refused = for_upstream_failure(
+        "eu-west-1", sent=False, kind="refused", detail="connect refused", timeout=10
+    )
+    assert (refused.status, refused.code) == (
+        503,
+        "ServiceUnavailableException",
+    ) and "NOT sent" in refused.message
+    slow = for_upstream_failure("eu-west-1", sent=True, kind="timeout", detail="x", timeout=2.5)
+    assert (slow.status, slow.code) == (500, "InternalServerError") and "2.5 s" in slow.message
+    lost = for_upstream_failure("eu-west-1", sent=True, kind="connection", detail="reset", timeout=10)
+    assert lost.status == 500 and "reset" in lost.message and "may or may not" in lost.message
+    # A connect that timed out was never sent: still the safe-to-retry answer.
+    connect = for_upstream_failure(
+        "eu-west-1", sent=False, kind="timeout", detail="connect timed out", timeout=10
+    )
+    assert connect.status == 503

@@ -1,0 +1,66 @@
+"""Probe outcomes classified: what counts as an outage, and fall/rise hysteresis."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.core.health import Cause, HealthState, classify_failure, classify_response, error_code, observe
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (200, b'{"Item":{}}', None),
+        (
+            400,
+            b'{"__type":"com.amazonaws.dynamodb.v20120810#ThrottlingException","message":"x"}',
+            "ThrottlingException",
+        ),
+        (
+            403,
+            b"<ErrorResponse><Error><Code>SignatureDoesNotMatch</Code></Error></ErrorResponse>",
+            "SignatureDoesNotMatch",
+        ),
+        (500, b"not json, not xml", None),
+        (400, b"[1]", None),
+    ],
+)
+def test_error_code_from_json_or_xml(status: int, body: bytes, code: str | None) -> None:
+    assert error_code(status, body) == code
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "latency", "cause"),
+    [
+        (200, None, 0.01, Cause.OK),
+        (200, None, 3.0, Cause.SLOW),
+        (500, "InternalServerError", 0.01, Cause.SERVER_ERROR),
+        (400, "ProvisionedThroughputExceededException", 0.01, Cause.THROTTLED),
+        (400, "UnrecognizedClientException", 0.01, Cause.AUTH),
+        (403, None, 0.01, Cause.AUTH),
+        (400, "ResourceNotFoundException", 0.01, Cause.CLIENT_ERROR),
+    ],
+)
+def test_classify_response(status: int, code: str | None, latency: float, cause: Cause) -> None:
+    outcome = classify_response(status, code, latency, slow_after=2.0)
+    assert outcome.cause is cause
+    assert outcome.is_outage == (cause in {Cause.SLOW, Cause.SERVER_ERROR})
+
+
+def test_fall_and_rise() -> None:
+    state = HealthState()
+    ok = classify_response(200, None, 0.01, 2.0)
+    bad = classify_failure("timeout", "no response")
+    assert observe(state, ok, fall=3, rise=2).state == "up"
+    state = observe(state, ok, fall=3, rise=2)
+    for expected in ("up", "up", "down"):
+        state = observe(state, bad, fall=3, rise=2)
+        assert state.state == expected
+    assert state.cause is not None and "3 consecutive timeout" in state.cause
+    state = observe(state, ok, fall=3, rise=2)
+    assert state.state == "down"  # one good probe is not enough
+    state = observe(state, ok, fall=3, rise=2)
+    assert state.state == "up" and state.cause is None
+    # A throttle while up is not an outage, and says so.
+    state = observe(state, classify_response(400, "ThrottlingException", 0.01, 2.0), fall=3, rise=2)
+    assert state.state == "up" and state.cause is not None and state.cause.startswith("throttled")
