@@ -28,7 +28,14 @@ from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.runtime import RuntimeAPIError, parse_show_proc
 from tests.support.moto_region import MotoRegion
 from tests.support.processes import ManagedProcess
-from tests.support.stack import HEALTH_TABLE, SIDECAR, SidecarStack, base_env, ensure_table, pid_alive
+from tests.support.stack import (
+    SIDECAR,
+    SidecarStack,
+    base_env,
+    ensure_table,
+    new_app_table,
+    pid_alive,
+)
 from tests.support.wait import wait_until
 
 HOME, OTHER = "us-east-1", "eu-west-1"
@@ -36,11 +43,7 @@ HOME, OTHER = "us-east-1", "eu-west-1"
 
 @pytest.fixture(scope="module")
 def app_table(moto_regions: dict[str, MotoRegion]) -> str:
-    name = f"life-{uuid.uuid4().hex[:8]}"
-    for region in moto_regions.values():
-        ensure_table(region, name)
-        ensure_table(region, HEALTH_TABLE)
-    return name
+    return new_app_table(moto_regions.values(), "life")
 
 
 @pytest.fixture

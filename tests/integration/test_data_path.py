@@ -21,7 +21,12 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import HEALTH_TABLE, SidecarStack, ensure_table, isolated_aws_env, raw_post
+from tests.support.stack import (
+    SidecarStack,
+    isolated_aws_env,
+    new_app_table,
+    raw_post,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PERL_CLIENT = REPO / "examples" / "perl" / "ddb_client.pl"
@@ -30,11 +35,7 @@ JSON_CT = "application/x-amz-json-1.0"
 
 @pytest.fixture(scope="module")
 def orders(moto_regions: dict[str, MotoRegion]) -> str:
-    name = f"orders-{uuid.uuid4().hex[:8]}"
-    for region in moto_regions.values():
-        ensure_table(region, name, sk="sk")
-        ensure_table(region, HEALTH_TABLE)
-    return name
+    return new_app_table(moto_regions.values(), "orders", sk="sk")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from botocore.exceptions import ClientError
 from tests.integration.test_data_path import error_of
 from tests.support.moto_region import MotoRegion
 from tests.support.ports import free_port
-from tests.support.stack import HEALTH_TABLE, SIDECAR, SidecarStack, ensure_table, raw_post
+from tests.support.stack import SIDECAR, SidecarStack, new_app_table, raw_post
 from tests.support.wait import wait_until
 
 APP_KEY = "AKIAAPPCLIENT0000001"
@@ -22,11 +21,7 @@ APP_SECRET = "app-client-secret-value"
 
 @pytest.fixture(scope="module")
 def table(moto_regions: dict[str, MotoRegion]) -> str:
-    name = f"edge-{uuid.uuid4().hex[:8]}"
-    for region in moto_regions.values():
-        ensure_table(region, name)
-        ensure_table(region, HEALTH_TABLE)
-    return name
+    return new_app_table(moto_regions.values(), "edge")
 
 
 def test_client_signatures_verified_when_clients_set(

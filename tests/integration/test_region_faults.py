@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.test_data_path import error_of
 from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import HEALTH_TABLE, SidecarStack, ensure_table
+from tests.support.stack import SidecarStack, new_app_table
 from tests.support.wait import wait_until
 
 HOME = "us-east-1"
@@ -39,11 +39,7 @@ MAY_HAVE_BEEN_APPLIED = "may or may not have been applied"
 
 @pytest.fixture(scope="module")
 def table(moto_regions: dict[str, MotoRegion]) -> str:
-    name = f"faults-{uuid.uuid4().hex[:8]}"
-    for region in moto_regions.values():
-        ensure_table(region, name)
-        ensure_table(region, HEALTH_TABLE)
-    return name
+    return new_app_table(moto_regions.values(), "faults")
 
 
 @pytest.fixture(scope="module")

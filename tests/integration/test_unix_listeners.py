@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import socket
 import stat
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import HEALTH_TABLE, SidecarStack, ensure_table
+from tests.support.stack import SidecarStack, new_app_table
 
 
 def test_unix_socket_listeners_serve_and_are_private(
     moto_regions: dict[str, MotoRegion], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    table = f"unix-{uuid.uuid4().hex[:8]}"
     regions = [moto_regions["us-east-1"], moto_regions["eu-west-1"]]
-    for region in regions:
-        ensure_table(region, table)
-        ensure_table(region, HEALTH_TABLE)
+    table = new_app_table(regions, "unix")
     stack = SidecarStack(regions, [table], tmp_path_factory.mktemp("unix"))
     stack.write_config(
         regions=[

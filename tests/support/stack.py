@@ -15,7 +15,8 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,15 @@ def ensure_table(region: MotoRegion, name: str, sk: str | None = None) -> None:
     """Create `name` (string keys `pk`, optional `sk`) in `region` unless it exists already."""
     if name not in region.client().list_tables()["TableNames"]:
         region.create_table(name, sk=sk)
+
+
+def new_app_table(regions: Iterable[MotoRegion], prefix: str, sk: str | None = None) -> str:
+    """A fresh app table `PREFIX-xxxxxxxx` in every region, and the sidecar's health table beside it."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    for region in regions:
+        ensure_table(region, name, sk=sk)
+        ensure_table(region, HEALTH_TABLE)
+    return name
 
 
 def pid_alive(pid: int) -> bool:

@@ -16,31 +16,28 @@ from sidecar.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from tests.support.httpstub import read_request
+from tests.support.httpstub import LoopbackServer, read_request
 from tests.support.ports import free_port
 
 REQUEST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.0\r\nx-amz-crc32: 2745614147\r\nContent-Length: 2\r\n\r\n{}"
 
 
-class StubServer:
+class StubServer(LoopbackServer):
     """A tiny HTTP server whose behaviour per request is scripted by the test."""
 
     def __init__(self, behaviour: Callable[[int], bytes | None]) -> None:
+        super().__init__()
         self.behaviour = behaviour
         self.requests = 0
         self.connections = 0
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> StubServer:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+    async def start(self) -> StubServer:  # type: ignore[override]
+        await super().start()
         return self
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self.writers.append(writer)
         try:
             while True:
                 await read_request(reader)
@@ -55,15 +52,6 @@ class StubServer:
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.transport.abort()
-        await self.server.wait_closed()
 
 
 @pytest.fixture

@@ -29,8 +29,7 @@ from sidecar.proxy.upstream import (
     UpstreamResponse,
     UpstreamUnreachable,
 )
-from tests.support.httpstub import read_request
-from tests.support.ports import free_port
+from tests.support.httpstub import LoopbackServer, read_request
 from tests.support.wait import async_wait_until
 
 try:
@@ -64,27 +63,20 @@ def trusting_context(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
-class TlsServer:
+class TlsServer(LoopbackServer):
     """HTTP/1.1 over TLS answering every request with OK. `connections` counts completed handshakes
     (asyncio calls the handler only after the handshake), `sni` the server names clients asked for."""
 
     def __init__(self, ssl_context: ssl.SSLContext, *, close_after_response: bool = False) -> None:
-        self.ssl_context = ssl_context
+        super().__init__(ssl_context)
         self.close_after_response = close_after_response
-        self.port = free_port()
         self.connections = 0
         self.requests = 0
         self.sni: list[str | None] = []
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
         ssl_context.sni_callback = lambda _obj, name, _ctx: self.sni.append(name)
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, ssl=self.ssl_context)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self.writers.append(writer)
         try:
             while True:
                 await read_request(reader)
@@ -95,45 +87,21 @@ class TlsServer:
                     return  # closes the TLS connection (close_notify) without a Connection: close header
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.transport.abort()
-        await self.server.wait_closed()
 
 
-class StalledHandshakeServer:
+class StalledHandshakeServer(LoopbackServer):
     """Accepts TCP and reads whatever comes (a ClientHello), never answers: a handshake that stalls."""
 
     def __init__(self) -> None:
-        self.port = free_port()
+        super().__init__()
         self.received = b""
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
                 self.received += data
         except ConnectionError:
             pass
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in self.writers:
-            w.transport.abort()
-        await self.server.wait_closed()
 
 
 Server = TlsServer | StalledHandshakeServer
