@@ -73,6 +73,9 @@ class RegionView:
 
     `kind` is the classification behind `cause` (health's `Cause`); None means "not said", which for a down
     region counts as an outage. `lag_ms` is the replication lag into this region (None: unmeasured).
+    `failing_since`: when its current run of outage observations began; `last_ok_at`: when it last answered
+    (not an outage). They let a move wait for proof that the target answers *now*: when every region
+    fails at once, the fault is this host's network, and the target's last good answer predates it.
     """
 
     name: str
@@ -80,6 +83,8 @@ class RegionView:
     cause: str | None = None
     kind: Cause | None = None
     lag_ms: float | None = None
+    failing_since: float | None = None
+    last_ok_at: float | None = None
 
     @classmethod
     def from_health(
@@ -88,7 +93,21 @@ class RegionView:
         if health.state not in _HEALTH:
             raise ValueError(f"{name}: health state {health.state!r} is not up, down or unknown")
         state: Health = "up" if health.state == "up" else "down" if health.state == "down" else "unknown"
-        return cls(name, state, health.cause, kind, lag_ms)
+        return cls(
+            name,
+            state,
+            health.cause,
+            kind if kind is not None else health.kind,
+            lag_ms,
+            health.failing_since,
+            health.last_ok_at,
+        )
+
+    def answered_since(self, at: float | None) -> bool:
+        """Has this region answered (not an outage) at or after `at`? `at` unknown: nothing to compare."""
+        if at is None:
+            return True
+        return self.last_ok_at is not None and self.last_ok_at >= at
 
     @property
     def outage(self) -> bool:
@@ -223,7 +242,8 @@ Command: TypeAlias = SetWeights | Alert | RecordEvent | Persist
 class Decision:
     """The new state, the commands to carry out in order, the one-line reason, and when to call again.
 
-    `refused` is true when an operator intent was refused (the CLI exits 1).
+    `refused` is true when an operator intent was refused (the CLI exits 1). `confirm` is true when a move
+    waits for fresh answers from the other regions: the shell should probe them now.
     """
 
     state: State
@@ -231,6 +251,7 @@ class Decision:
     reason: str
     wake_at: float | None = None
     refused: bool = False
+    confirm: bool = False
 
 
 # -- the hold-down -------------------------------------------------------------------------------------
@@ -330,6 +351,7 @@ class _Step:
     refused: bool = False
     events: list[RecordEvent] = field(default_factory=list)
     blocked_by_hold: bool = False
+    wants_confirmation: bool = False
 
 
 def decide(policy: Policy, snap: Snapshot, intent: Intent | None = None) -> Decision:
@@ -369,7 +391,7 @@ def decide(policy: Policy, snap: Snapshot, intent: Intent | None = None) -> Deci
     commands.extend(step.events)
     commands.extend(RecordEvent("alert-cleared", f"{key} cleared") for key in cleared)
     commands.extend(raised)
-    return Decision(state, tuple(commands), reason, step.wake_at, step.refused)
+    return Decision(state, tuple(commands), reason, step.wake_at, step.refused, step.wants_confirmation)
 
 
 def _sane(policy: Policy, state: State, now: float) -> State:
@@ -555,6 +577,17 @@ def _active_down(policy: Policy, snap: Snapshot, step: _Step, active: RegionView
         return
     # the first up region in preference order, preferring one whose last probe was clean
     target = next((r for r in candidates if r.healthy), candidates[0])
+    fresh = [r for r in candidates if r.answered_since(active.failing_since)]
+    if not fresh:
+        # When this host loses its network, every region fails at once, but the others' last good answers
+        # predate the failure: moving on them would move for the wrong reason. The shell probes them now.
+        step.reason = (
+            f"{down}; waiting for {', '.join(r.name for r in candidates)} to answer after {active.name} "
+            "began failing before moving (if every region fails, this host's own network is at fault)"
+        )
+        step.wants_confirmation = True
+        return
+    target = next((r for r in fresh if r.healthy), fresh[0])
     if _held(step.state, snap.now):
         step.reason = f"{down}; held down: not moving to {target.name} before the hold-down ends"
         step.wake_at = step.state.hold_until

@@ -109,32 +109,72 @@ def classify_failure(kind: str, detail: str) -> ProbeOutcome:
 
 @dataclass(frozen=True, slots=True)
 class HealthState:
-    """One region's health after a sequence of probes."""
+    """One region's health after a sequence of observations (active probes and passive signals).
+
+    `kind`: the classification of the last observation. `failing_since`: when the current run of outage
+    observations began (None while the last one was not an outage). `last_ok_at`: when the region last
+    answered in a way that is not an outage. Times are whatever clock the caller passes (the daemon: wall).
+    """
 
     state: str = "unknown"  # up | down | unknown
     cause: str | None = None
     failures: int = 0
     successes: int = 0
     latency: float | None = None
+    kind: Cause | None = None
+    failing_since: float | None = None
+    last_ok_at: float | None = None
+
+    @property
+    def suspect(self) -> bool:
+        """Not (yet) down, but the last observation was an outage: time to look closer."""
+        return self.failures > 0 and self.state != "down"
 
 
-def observe(prev: HealthState, outcome: ProbeOutcome, *, fall: int, rise: int) -> HealthState:
-    """Fold one probe outcome into the region's state with fall/rise hysteresis."""
+def observe(
+    prev: HealthState,
+    outcome: ProbeOutcome,
+    *,
+    fall: int,
+    rise: int,
+    now: float | None = None,
+    source: str = "",
+) -> HealthState:
+    """Fold one observation into the region's state with fall/rise hysteresis.
+
+    `source` names where it came from ("probe", "traffic"), for the cause an operator reads.
+    """
+    where = f" ({source})" if source else ""
     if outcome.is_outage:
         failures = prev.failures + 1
         state = "down" if failures >= fall else prev.state
         return replace(
             prev,
             state=state,
-            cause=f"{failures} consecutive {outcome.cause.value}: {outcome.detail}",
+            cause=f"{failures} consecutive {outcome.cause.value}{where}: {outcome.detail}",
             failures=failures,
             successes=0,
             latency=outcome.latency,
+            kind=outcome.cause,
+            failing_since=prev.failing_since if prev.failures and prev.failing_since is not None else now,
         )
     successes = prev.successes + 1
     if prev.state == "down":
         state = "up" if successes >= rise else "down"
     else:
         state = "up"  # unknown becomes up at the first good answer: at start-up nothing is known to be wrong
-    cause = None if outcome.cause is Cause.OK else f"{outcome.cause.value}: {outcome.detail}"
-    return replace(prev, state=state, cause=cause, failures=0, successes=successes, latency=outcome.latency)
+    cause = None if outcome.cause is Cause.OK else f"{outcome.cause.value}{where}: {outcome.detail}"
+    if state == "down":  # recovering: keep saying why it is down, and how far the recovery got
+        why = (prev.cause or "down").split("; recovering:", 1)[0]
+        cause = f"{why}; recovering: {successes}/{rise} good answers"
+    return replace(
+        prev,
+        state=state,
+        cause=cause,
+        failures=0,
+        successes=successes,
+        latency=outcome.latency,
+        kind=outcome.cause,
+        failing_since=None,
+        last_ok_at=now if now is not None else prev.last_ok_at,
+    )

@@ -789,3 +789,47 @@ def test_a_sequence_replays_identically(data: st.DataObject) -> None:
         return [sim.step(*views, at=float(i * 7), intent=intent) for i, (views, intent) in enumerate(steps)]
 
     assert run() == run()
+
+
+# -- a move waits for proof that the target answers now ---------------------------------------------------
+
+
+def test_a_move_waits_for_the_target_to_answer_after_the_active_began_failing() -> None:
+    sim = Sim()
+    failing = RegionView(A, "down", TIMEOUTS, Cause.TIMEOUT, failing_since=100.0, last_ok_at=99.0)
+    stale = RegionView(B, "up", None, Cause.OK, last_ok_at=99.5)
+    d = sim.step(failing, stale, at=100.9)
+    assert weights_of(d) is None and d.confirm
+    assert "waiting for eu-west-1 to answer" in d.reason and "own network" in d.reason
+    assert not [e for e in events(d) if e.kind == "failover"]
+    fresh = replace(stale, last_ok_at=100.95)
+    d = sim.step(failing, fresh, at=101.0)
+    assert weights_of(d) == {A: 0, B: ACTIVE_WEIGHT} and not d.confirm
+
+
+def test_every_region_failing_at_once_never_moves() -> None:
+    """This host's network goes: the active region is seen down first, the other's last answer predates it;
+    then the other goes down too. Nothing moves at any step."""
+    sim = Sim()
+    a = RegionView(A, "down", TIMEOUTS, Cause.TIMEOUT, failing_since=50.0, last_ok_at=49.8)
+    b = RegionView(B, "up", None, Cause.OK, last_ok_at=49.9)
+    for t in (50.8, 51.0, 51.5):
+        assert weights_of(sim.step(a, b, at=t)) is None
+    b_failing = RegionView(
+        B, "up", "1 consecutive timeout", Cause.TIMEOUT, failing_since=50.8, last_ok_at=49.9
+    )
+    assert weights_of(sim.step(a, b_failing, at=51.6)) is None
+    b_down = RegionView(B, "down", TIMEOUTS, Cause.TIMEOUT, failing_since=50.8, last_ok_at=49.9)
+    d = sim.step(a, b_down, at=52.5)
+    assert weights_of(d) is None and "own network" in d.reason and not d.confirm
+    assert sim.moves() == []
+    assert [x.kind for x in alerts(d)] == ["all-down"]
+
+
+def test_region_view_from_health_carries_the_times_and_kind() -> None:
+    h = HealthState(
+        state="down", cause=TIMEOUTS, failures=3, kind=Cause.TIMEOUT, failing_since=5.0, last_ok_at=4.0
+    )
+    v = RegionView.from_health(A, h)
+    assert (v.kind, v.failing_since, v.last_ok_at) == (Cause.TIMEOUT, 5.0, 4.0)
+    assert v.outage and not v.answered_since(4.5) and v.answered_since(None)

@@ -64,3 +64,31 @@ def test_fall_and_rise() -> None:
     # A throttle while up is not an outage, and says so.
     state = observe(state, classify_response(400, "ThrottlingException", 0.01, 2.0), fall=3, rise=2)
     assert state.state == "up" and state.cause is not None and state.cause.startswith("throttled")
+
+
+def test_observe_tracks_when_failing_began_and_the_last_good_answer() -> None:
+    ok = classify_response(200, None, 0.01, 2.0)
+    bad = classify_failure("timeout", "no answer within 0.8 s")
+    s = observe(HealthState(), ok, fall=3, rise=2, now=10.0)
+    assert (s.state, s.last_ok_at, s.failing_since, s.kind) == ("up", 10.0, None, Cause.OK)
+    s = observe(s, bad, fall=3, rise=2, now=11.0, source="traffic")
+    assert s.suspect and s.failing_since == 11.0 and s.kind is Cause.TIMEOUT
+    assert s.cause is not None and "(traffic)" in s.cause
+    s = observe(s, bad, fall=3, rise=2, now=12.0)
+    s = observe(s, bad, fall=3, rise=2, now=13.0)
+    assert s.state == "down" and not s.suspect and s.failing_since == 11.0 and s.last_ok_at == 10.0
+    s = observe(s, ok, fall=3, rise=2, now=14.0)
+    assert s.state == "down" and s.failing_since is None and s.last_ok_at == 14.0
+    assert (
+        s.cause is not None and s.cause.startswith("3 consecutive timeout") and "recovering: 1/2" in s.cause
+    )
+    s = observe(s, ok, fall=3, rise=2, now=15.0)
+    assert s.state == "up" and s.cause is None
+
+
+def test_a_throttle_is_a_good_answer_for_the_failure_run() -> None:
+    bad = classify_failure("refused", "connection refused")
+    s = observe(HealthState(state="up"), bad, fall=3, rise=2, now=1.0)
+    s = observe(s, classify_response(400, "ThrottlingException", 0.01, 2.0), fall=3, rise=2, now=2.0)
+    assert (s.state, s.failures, s.failing_since, s.kind) == ("up", 0, None, Cause.THROTTLED)
+    assert s.last_ok_at == 2.0
