@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -262,6 +262,102 @@ class Logging(_Model):
     format: Literal["text", "json"] = "text"
 
 
+# The engine's event kinds a webhook can receive (`notify.kinds`).
+NotifyKind = Literal[
+    "failover",
+    "failback",
+    "operator-failover",
+    "reconfigure",
+    "refused",
+    "pause",
+    "resume",
+    "alert",
+    "alert-cleared",
+    "weights-reasserted",
+]
+NOTIFY_KINDS: tuple[NotifyKind, ...] = get_args(NotifyKind)
+
+
+def webhook_problem(url: str) -> str | None:
+    """Why `url` cannot be a webhook (a verb phrase: "uses plain http ..."), or None.
+
+    The message never contains the URL: it may embed a token.
+    """
+    from urllib.parse import urlsplit
+
+    if not url or any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        return "is not a URL (empty, or contains spaces or control characters)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return "is not a valid URL (malformed host or port)"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL with a host, such as https://hooks.example.com/..."
+    if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
+        return (
+            "uses plain http to a non-loopback host: events and any token in the URL would cross the "
+            "network unencrypted; use https"
+        )
+    return None
+
+
+def url_origin(url: str) -> str:
+    """`scheme://host[:port]` of a URL: the only part of a webhook URL that may be logged."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(malformed URL)"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+class Notify(_Model):
+    """A webhook that gets a JSON POST per engine event of the listed kinds."""
+
+    # Inputs stay out of pydantic's error text: a webhook URL often embeds a token.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, hide_input_in_errors=True
+    )
+
+    webhook: str | None = Field(default=None, repr=False)
+    webhook_env: str | None = None
+    kinds: list[NotifyKind] = list(NOTIFY_KINDS)
+    timeout: Duration = 2.0
+    attempts: Annotated[int, Field(ge=1, le=100)] = 6
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is not None and (problem := webhook_problem(v)):
+            raise ValueError(f"the webhook URL {problem}")
+        return v
+
+    @field_validator("webhook_env")
+    @classmethod
+    def _webhook_env(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError("webhook_env must be the NAME of an environment variable, not the URL")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook is not None or self.webhook_env is not None
+
+    def url(self) -> str | None:
+        """The webhook URL: `webhook`, or the value of the `webhook_env` variable read now (None if unset)."""
+        if self.webhook is not None:
+            return self.webhook
+        if self.webhook_env is not None:
+            return os.environ.get(self.webhook_env) or None
+        return None
+
+
 class Config(_Model):
     listen: AddressField = Address("127.0.0.1", 8000)
     regions: list[Region] = Field(min_length=1)
@@ -275,6 +371,7 @@ class Config(_Model):
     replication: Replication = Replication()
     proxy: Proxy = Proxy()
     logging: Logging = Logging()
+    notify: Notify = Notify()
     # The folder relative paths were resolved against (not a YAML key).
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -476,6 +573,7 @@ def semantic_problems(config: Config, *, check_environment: bool = True) -> list
         + _haproxy_problems(config.haproxy)
         + _clients_problems(config.clients, check_environment=check_environment)
         + _unix_listener_problems(config)
+        + _notify_problems(config.notify, check_environment=check_environment)
     )
 
 
@@ -523,6 +621,12 @@ def _section_problems(data: dict[str, Any], base_dir: Path, *, check_environment
         pass
     else:
         problems += _clients_problems(clients, check_environment=check_environment)
+    try:
+        notify = Notify.model_validate(data.get("notify") or {})
+    except ValidationError:
+        pass
+    else:
+        problems += _notify_problems(notify, check_environment=check_environment)
     return problems
 
 
@@ -560,3 +664,17 @@ def _clients_problems(clients: list[Client], *, check_environment: bool) -> list
                 f"clients[{i}].secret_access_key_env: environment variable {client.secret_access_key_env} is not set"
             )
     return problems
+
+
+def _notify_problems(notify: Notify, *, check_environment: bool) -> list[str]:
+    """Never with the URL itself in a message: name the key or the variable instead."""
+    if notify.webhook is not None and notify.webhook_env is not None:
+        return ["notify.webhook_env: set at most one of notify.webhook and notify.webhook_env"]
+    if notify.webhook_env is None or not check_environment:
+        return []
+    value = os.environ.get(notify.webhook_env)
+    if not value:
+        return [f"notify.webhook_env: environment variable {notify.webhook_env} is not set"]
+    if problem := webhook_problem(value):
+        return [f"notify.webhook_env: the URL in environment variable {notify.webhook_env} {problem}"]
+    return []

@@ -195,3 +195,96 @@ def test_unix_socket_listener_problems(tmp_path: Path) -> None:
     assert any(p.startswith("regions[1].proxy:") and "regions[0].proxy" in p for p in found), found
     assert any(p.startswith("regions[2].proxy:") and "haproxy.runtime_socket" in p for p in found), found
     assert any(p.startswith("regions[3].proxy:") and "too long" in p for p in found), found
+
+
+# notify: a webhook URL may embed a token, so no message ever contains it.
+SECRET_URL_PART = "T0KEN-s3cr3t"
+
+
+def test_notify_defaults_off(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.notify.webhook is None and config.notify.webhook_env is None
+    assert not config.notify.enabled and config.notify.url() is None
+    assert "failover" in config.notify.kinds and "alert-cleared" in config.notify.kinds
+    assert (config.notify.timeout, config.notify.attempts) == (2.0, 6)
+
+
+def test_notify_https_webhook(tmp_path: Path) -> None:
+    url = f"https://hooks.example.com/services/{SECRET_URL_PART}?key=abc"
+    data = {**MINIMAL, "notify": {"webhook": url, "kinds": ["failover", "alert"], "timeout": "500ms"}}
+    config = load_config(write(tmp_path, data))
+    assert config.notify.url() == url and config.notify.enabled
+    assert config.notify.kinds == ["failover", "alert"] and config.notify.timeout == 0.5
+    assert SECRET_URL_PART not in repr(config)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9000/hook", "http://localhost/hook", "http://[::1]:80/x"])
+def test_notify_plain_http_to_loopback_ok(tmp_path: Path, url: str) -> None:
+    config = load_config(write(tmp_path, {**MINIMAL, "notify": {"webhook": url}}))
+    assert config.notify.webhook == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://hooks.example.com/{SECRET_URL_PART}",
+        f"http://10.0.0.5:8080/{SECRET_URL_PART}",
+        f"ftp://hooks.example.com/{SECRET_URL_PART}",
+        f"https:///{SECRET_URL_PART}",
+        f"https://hooks.example.com:99999/{SECRET_URL_PART}",
+        f"https://hooks.example.com/{SECRET_URL_PART} x",
+    ],
+)
+def test_notify_bad_webhook_refused_without_echoing_it(tmp_path: Path, url: str) -> None:
+    found = problems(tmp_path, {**MINIMAL, "notify": {"webhook": url}})
+    assert any(p.startswith("notify.webhook:") for p in found), found
+    assert not any(SECRET_URL_PART in p for p in found), found
+    if url.startswith("http://"):
+        assert any("https" in p for p in found), found
+
+
+def test_notify_both_webhook_and_env_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOTIFY_URL", "https://hooks.example.com/x")
+    data = {
+        **MINIMAL,
+        "notify": {"webhook": f"https://hooks.example.com/{SECRET_URL_PART}", "webhook_env": "NOTIFY_URL"},
+    }
+    found = problems(tmp_path, data)
+    assert any(p.startswith("notify.webhook_env:") and "at most one" in p for p in found), found
+    assert not any(SECRET_URL_PART in p for p in found), found
+
+
+def test_notify_webhook_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = {**MINIMAL, "notify": {"webhook_env": "NOTIFY_URL"}}
+    monkeypatch.delenv("NOTIFY_URL", raising=False)
+    found = problems(tmp_path, data)
+    assert any(p.startswith("notify.webhook_env:") and "NOTIFY_URL is not set" in p for p in found)
+    # Without the environment check (render, validate elsewhere) the unset variable is not an error.
+    assert load_config(write(tmp_path, data), check_environment=False).notify.url() is None
+
+    monkeypatch.setenv("NOTIFY_URL", f"http://hooks.example.com/{SECRET_URL_PART}")
+    found = problems(tmp_path, data)
+    assert any(p.startswith("notify.webhook_env:") and "NOTIFY_URL" in p and "https" in p for p in found)
+    assert not any(SECRET_URL_PART in p for p in found), found
+
+    monkeypatch.setenv("NOTIFY_URL", f"https://hooks.example.com/{SECRET_URL_PART}")
+    config = load_config(write(tmp_path, data))
+    assert config.notify.url() == f"https://hooks.example.com/{SECRET_URL_PART}"
+
+
+def test_notify_section_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_URL", raising=False)
+    found = problems(
+        tmp_path, {**MINIMAL, "notify": {"webhook_env": f"https://x/{SECRET_URL_PART}", "kinds": ["nope"]}}
+    )
+    assert any(p.startswith("notify.webhook_env:") and "NAME" in p for p in found), found
+    assert any(p.startswith("notify.kinds[0]:") for p in found), found
+    assert not any(SECRET_URL_PART in p for p in found), found
+    found = problems(tmp_path, {**MINIMAL, "notify": {"attempts": 0, "timeout": "0s", "colour": 1}})
+    for prefix in ("notify.attempts:", "notify.timeout:", "notify.colour: unknown key"):
+        assert any(p.startswith(prefix) for p in found), (prefix, found)
+    # The environment check still runs when another section is invalid.
+    found = problems(
+        tmp_path, {**MINIMAL, "health": {"interval": "1x"}, "notify": {"webhook_env": "NOTIFY_URL"}}
+    )
+    assert any(p.startswith("notify.webhook_env:") and "not set" in p for p in found), found
