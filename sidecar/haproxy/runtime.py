@@ -17,7 +17,7 @@ import io
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -159,6 +159,20 @@ class RuntimeClient:
         """Send one command and return HAProxy's whole answer."""
         return await _exchange(self.path, cmd, self.timeout)
 
+    async def commands(self, cmds: Sequence[str]) -> list[str]:
+        """Send several commands on one line (`a; b; c`), over one connection; one answer per command.
+
+        HAProxy (2.6 and 2.8) runs them in order, each one whether or not the one before failed, and ends
+        each command's answer with an empty line (see `split_replies`). The commands themselves must not
+        contain `;` (HAProxy would split them) and their answers must not contain empty lines.
+        """
+        if not cmds:
+            return []
+        for cmd in cmds:
+            if ";" in cmd or not cmd.strip():
+                raise ValueError(f"not a single runtime API command: {cmd!r}")
+        return split_replies(await self.command("; ".join(cmds)), len(cmds))
+
     async def _expect_empty(self, cmd: str) -> None:
         reply = (await self.command(cmd)).strip()
         if reply:
@@ -193,6 +207,53 @@ class RuntimeClient:
             if sep:
                 out[key.strip()] = value.strip()
         return out
+
+
+def weight_command(backend: str, server: str, weight: int) -> str:
+    """`set server BACKEND/SERVER weight N`, with the names and the weight checked."""
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be an integer 0-{MAX_WEIGHT}, got {weight!r}")
+    for kind, name in (("backend", backend), ("server", server)):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):  # `$` alone lets a final "\n" through
+            raise ValueError(f"invalid {kind} name {name!r}")
+    return f"set server {backend}/{server} weight {weight}"
+
+
+def split_replies(text: str, count: int) -> list[str]:
+    """Split HAProxy's answer to `count` commands sent on one line into one answer per command.
+
+    Each command's answer is its output followed by an empty line; a command that succeeds silently
+    (`set server ... weight N`) answers just the empty line, i.e. "" here. The last answer may lack its
+    empty line. A different number of answers than commands raises RuntimeAPIError.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    answers: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        else:
+            answers.append("\n".join(current))
+            current = []
+    if current:
+        answers.append("\n".join(current))
+    if len(answers) != count:
+        raise RuntimeAPIError(
+            f"expected {count} answers to {count} commands, got {len(answers)}: {text.strip()[:300]!r}"
+        )
+    return answers
+
+
+def parse_show_info(text: str) -> dict[str, str]:
+    """`show info` (`Name: value` lines) as a dict."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def parse_servers_state(text: str) -> dict[str, ServerState]:
