@@ -1,4 +1,9 @@
-"""The admin API: status, metrics, and (later) the intents behind the mutating CLI commands."""
+"""The admin API: status, metrics, and the intents behind the mutating CLI commands.
+
+Mutating endpoints take a JSON body with `Content-Type: application/json`: a web page the operator happens
+to have open cannot send that cross-origin without a preflight, so it cannot move traffic (the API
+listens on loopback only).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from sidecar.core.controller import FailoverIntent, Intent, Pause, Resume
 from sidecar.engine import Daemon
 from sidecar.metrics import metrics_registry, render_metrics
 
@@ -25,6 +31,60 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=render_metrics(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _read_intent(request: web.Request) -> dict[str, object]:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(
+            text='{"error": "send Content-Type: application/json"}', content_type="application/json"
+        )
+    try:
+        body = await request.json()
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text='{"error": "the body is not JSON"}', content_type="application/json"
+        ) from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='{"error": "expected a JSON object"}', content_type="application/json")
+    return body
+
+
+async def _run_intent(request: web.Request, intent: Intent) -> web.Response:
+    daemon = request.app[DAEMON]
+    decision, confirmed = await daemon.intent(intent)
+    state = decision.state
+    doc = {
+        "ok": not decision.refused,
+        "refused": decision.refused,
+        "reason": decision.reason,
+        "active_region": state.active,
+        "mode": daemon.failover.mode,
+        "weights_confirmed": confirmed,
+        "weights_error": None if confirmed else daemon.keeper.last_error,
+    }
+    if isinstance(intent, FailoverIntent) and not decision.refused:
+        doc["unreplicated"] = daemon.unreplicated_note(intent.to)
+    return web.json_response(doc, status=409 if decision.refused else 200)
+
+
+async def _failover(request: web.Request) -> web.Response:
+    body = await _read_intent(request)
+    to = body.get("to")
+    if not isinstance(to, str) or not to:
+        raise web.HTTPBadRequest(
+            text='{"error": "expected {"to": "REGION"}"}', content_type="application/json"
+        )
+    return await _run_intent(request, FailoverIntent(to))
+
+
+async def _pause(request: web.Request) -> web.Response:
+    await _read_intent(request)
+    return await _run_intent(request, Pause())
+
+
+async def _resume(request: web.Request) -> web.Response:
+    await _read_intent(request)
+    return await _run_intent(request, Resume())
+
+
 async def _alive(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -36,6 +96,9 @@ def admin_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/status", _status)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/alive", _alive)
+    app.router.add_post("/failover", _failover)
+    app.router.add_post("/pause", _pause)
+    app.router.add_post("/resume", _resume)
     return app
 
 

@@ -72,7 +72,7 @@ def validate(config_path: Path) -> None:
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the file differs from the rendering.")
 def render(config_path: Path, output: Path | None, check: bool) -> None:
     """Render haproxy.cfg from the template, validate it with `haproxy -c`, write it atomically."""
-    from sidecar.engine import initial_weights
+    from sidecar.engine import active_weights
     from sidecar.haproxy.binary import HAProxyNotFound, find_haproxy
     from sidecar.haproxy.render import RenderError, render_to_file
 
@@ -80,7 +80,7 @@ def render(config_path: Path, output: Path | None, check: bool) -> None:
     try:
         binary = find_haproxy(config.haproxy.binary)
         result = render_to_file(
-            config, out=output, weights=initial_weights(config), check=check, binary=binary
+            config, out=output, weights=active_weights(config), check=check, binary=binary
         )
     except HAProxyNotFound as exc:
         click.echo(f"render: {exc}", err=True)
@@ -124,7 +124,7 @@ async def _run(config: Config, config_path: Path) -> int:
     from sidecar.proxy.credentials import CredentialsUnavailable
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    daemon = Daemon(config)
+    daemon = Daemon(config, config_path=config_path)
     loop = asyncio.get_running_loop()
     try:
         await daemon.start()
@@ -207,6 +207,69 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo("recent events:")
         for e in events:
             click.echo(f"  {e['at']}  {e['kind']:<12} {e['reason']}")
+
+
+def _admin_post(config: Config, path: str, body: dict[str, Any], timeout: float = 15.0) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{config.admin}{path}"
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read())
+        except ValueError:
+            return exc.code, {"reason": f"HTTP {exc.code} from {url}"}
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        click.echo(f"ddb-sidecar is not answering on {url}: {getattr(exc, 'reason', exc)}", err=True)
+        sys.exit(EXIT_UNREACHABLE)
+
+
+def _report_intent(status: int, doc: Any) -> None:
+    if status == 200 and doc.get("ok"):
+        click.echo(doc.get("reason", "done"))
+        click.echo(f"active region: {doc.get('active_region')}    mode: {doc.get('mode')}")
+        if doc.get("unreplicated"):
+            click.echo(f"note: {doc['unreplicated']}")
+        if not doc.get("weights_confirmed"):
+            click.echo(
+                "warning: HAProxy has not confirmed the new weights yet "
+                f"({doc.get('weights_error') or 'no read-back yet'}); the sidecar keeps retrying",
+                err=True,
+            )
+        return
+    click.echo(f"refused: {doc.get('reason') or doc.get('error') or status}", err=True)
+    sys.exit(EXIT_FAILED if status in (409, 200) else EXIT_CONFIG)
+
+
+@main.command()
+@config_option
+@click.option("--to", "to", required=True, help="The region to move traffic to.")
+def failover(config_path: Path, to: str) -> None:
+    """Move traffic to REGION now (for when the active region is gone); says what may be behind."""
+    config = _load(config_path, check_environment=False)
+    _report_intent(*_admin_post(config, "/failover", {"to": to}))
+
+
+@main.command()
+@config_option
+def pause(config_path: Path) -> None:
+    """Stop automatic decisions (maintenance mode); `failover --to` still works."""
+    config = _load(config_path, check_environment=False)
+    _report_intent(*_admin_post(config, "/pause", {}))
+
+
+@main.command()
+@config_option
+def resume(config_path: Path) -> None:
+    """Restart automatic decisions; acts at once on the regions' current health."""
+    config = _load(config_path, check_environment=False)
+    _report_intent(*_admin_post(config, "/resume", {}))
 
 
 @main.command()

@@ -189,6 +189,9 @@ class Health(_Model):
     fall: Annotated[int, Field(ge=1, le=100)] = 3
     rise: Annotated[int, Field(ge=1, le=100)] = 3
     slow: Duration = 2.0
+    # One probe in this many writes the region's canary item (PutItem), so a region that serves reads but
+    # fails writes is seen; 0: read probes only.
+    write_every: Annotated[int, Field(ge=0, le=1000)] = 5
 
 
 class Failover(_Model):

@@ -1,8 +1,10 @@
-"""The daemon: builds the data path from the config, runs probes and HAProxy, owns all runtime state.
+"""The daemon: builds the data path from the config, runs the monitors, the failover shell and HAProxy.
 
-The region listeners and upstream pools do the per-request work; this module wires them, feeds probe
-results through the pure health classification in `sidecar.core.health`, supervises HAProxy when
-`haproxy.manage` is true, and exposes a snapshot for the admin API.
+The region listeners and upstream pools do the per-request work; `sidecar.monitor` watches each region
+(probes and passive signals), `sidecar.failover` runs the pure controller and moves traffic through the
+`WeightKeeper` (HAProxy's runtime API, confirmed by read-back). This module wires them, supervises (or
+adopts) HAProxy when `haproxy.manage` is true, re-renders and reloads it when its template or the config
+change, and exposes a snapshot for the admin API.
 """
 
 from __future__ import annotations
@@ -19,41 +21,36 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from sidecar.config import Address, Config, UnixAddress
+from sidecar.config import Address, Config, ConfigError, UnixAddress, load_config
+from sidecar.core.controller import Decision, Intent, desired_weights
 from sidecar.core.gate import GatePolicy
-from sidecar.core.health import (
-    Cause,
-    HealthState,
-    ProbeOutcome,
-    classify_failure,
-    classify_response,
-    error_code,
-    observe,
-)
+from sidecar.core.health import HealthState
+from sidecar.failover import STATE_FILE, Failover, load_state
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.process import HAProxyProcess
-from sidecar.haproxy.render import render_to_file
+from sidecar.haproxy.render import render_to_file, template_path
 from sidecar.haproxy.runtime import RuntimeClient, RuntimeUnavailable
+from sidecar.haproxy.weights import WeightKeeper
+from sidecar.monitor import MAX_OUTSTANDING, RegionMonitor
+from sidecar.notify import Notifier
 from sidecar.proxy.credentials import CredentialSource
 from sidecar.proxy.listener import DataPathPolicy, RegionListener, RegionRuntime
 from sidecar.proxy.sigv4 import ClientVerifier, DynamoDBRequestSigner
-from sidecar.proxy.upstream import Endpoint, UpstreamError, UpstreamPool, UpstreamResponse
+from sidecar.proxy.upstream import Endpoint, UpstreamPool
+from sidecar.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
 
-PROBE_TARGET = "DynamoDB_20120810.GetItem"
-HOME_WEIGHT = 100
+SWEEP_EVERY = 0.05  # stall detection (blackholes under traffic) and slow-connection expiry
 
 
-def canary_key(region: str) -> dict[str, Any]:
-    """Each region probes its own item, so replicated probe writes never conflict."""
-    return {"pk": {"S": f"canary#{region}"}}
-
-
-def initial_weights(config: Config) -> dict[str, int]:
-    return {r.name: (HOME_WEIGHT if i == 0 else 0) for i, r in enumerate(config.regions)}
+def active_weights(config: Config) -> dict[str, int]:
+    """The weights a freshly rendered haproxy.cfg carries: the persisted active region's, else home's.
+    So a deploy pipeline's `render` and a cold HAProxy start never undo a failover."""
+    names = [r.name for r in config.regions]
+    persisted, _ = load_state(config.state_dir / STATE_FILE, move_aside=False)
+    active = persisted.active if persisted is not None and persisted.active in names else names[0]
+    return desired_weights(names, active)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,33 +80,52 @@ def data_path_policy(config: Config) -> DataPathPolicy:
     return DataPathPolicy(gate=gate, verifier=verifier)
 
 
-class _ProbeRegion:
-    """The health prober's own signer and pool for a region: probes never queue behind app traffic."""
-
-    def __init__(self, runtime: RegionRuntime, pool: UpstreamPool) -> None:
-        self.runtime = runtime
-        self.pool = pool
-        self.state = HealthState()
-
-
 class Daemon:
     """Everything `ddb-sidecar run` runs; start(), then wait on `stopped`, then stop()."""
 
-    def __init__(self, config: Config, *, credentials: CredentialSource | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        credentials: CredentialSource | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.started_at = time.time()
         self.credentials = credentials or CredentialSource()
         self._policy = data_path_policy(config)
         self.regions: dict[str, RegionRuntime] = {}
-        self._probe: dict[str, _ProbeRegion] = {}
+        self.monitors: dict[str, RegionMonitor] = {}
         self._servers: list[asyncio.Server] = []
         self._connections: set[RegionListener] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self.events: deque[Event] = deque(maxlen=100)
+        self.events: deque[Event] = deque(maxlen=200)
         self.haproxy: HAProxyProcess | None = None
         self.runtime = RuntimeClient(str(config.haproxy.runtime_socket))
-        self.weights = initial_weights(config)
+        self.keeper = WeightKeeper(
+            self.runtime, config.haproxy.backend, check_interval=1.0, on_observed=self._weights_observed
+        )
+        self.notifier = Notifier(config.notify)
+        self.failover = Failover(
+            lambda: self.config,
+            self.monitors,
+            set_weights=self.keeper.set_desired,
+            record=self.event,
+            notify=self.notifier.notify,
+            on_move=self._moved,
+        )
+        self.watcher: FileWatcher | None = None
+        self._render_lock = asyncio.Lock()
+        self._weights_were_confirmed = False
         self.stopped = asyncio.Event()
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """The weights the sidecar wants HAProxy to use (before start: the home region's)."""
+        if self.failover.state is None:
+            return active_weights(self.config)
+        return self.failover.desired
 
     # -- lifecycle
     async def start(self) -> None:
@@ -129,32 +145,60 @@ class Daemon:
                 name=region.name,
             )
             runtime = RegionRuntime(region.name, signer, pool, self.credentials.current, self.policy)
+            runtime.slow_after = cfg.health.slow
             self.regions[region.name] = runtime
             probe_pool = UpstreamPool(
                 endpoint,
                 loop=loop,
                 connect_timeout=min(cfg.proxy.connect_timeout, cfg.health.timeout),
                 request_timeout=cfg.health.timeout,
-                max_connections=2,
+                max_connections=MAX_OUTSTANDING,
                 idle_timeout=cfg.proxy.idle_timeout,
                 name=f"{region.name}-probe",
             )
-            self._probe[region.name] = _ProbeRegion(runtime, probe_pool)
+            self.monitors[region.name] = RegionMonitor(
+                runtime, probe_pool, lambda: self.config, self._health_changed
+            )
         try:
             for region in cfg.regions:
                 runtime = self.regions[region.name]
                 server = await self._listen(region.proxy, runtime)
                 self._servers.append(server)
                 logger.info("region %s: listening on %s, upstream %s", region.name, region.proxy, region.url)
-            for name, probe in self._probe.items():
-                self._spawn(self._probe_loop(probe), f"probe-{name}")
-            self._spawn(self._expire_connections(), "listener-connection-sweeper")
+            # Adopt what a running HAProxy does (a restart after kill -9 must not flip traffic), else the
+            # persisted decision, else home.
+            observed = await self._read_weights_at_start()
+            self.failover.start(observed)
+            for name, monitor in self.monitors.items():
+                self._spawn(monitor.run(), f"monitor-{name}")
+            self._spawn(self._sweep(), "listener-sweeper")
             if cfg.haproxy.manage:
                 await self._start_haproxy()
+            self.keeper.set_desired(self.failover.desired)
+            self.keeper.start()
+            await self.notifier.start()
+            if cfg.haproxy.manage:
+                await self._start_watcher()
         except BaseException:
             await self.stop()
             raise
-        self.event("start", f"ddb-sidecar started; home region {cfg.home.name}")
+        self.event(
+            "started",
+            f"ddb-sidecar started; home region {cfg.home.name}, active region {self.failover.active}",
+        )
+
+    async def _read_weights_at_start(self) -> dict[str, int] | None:
+        """HAProxy's weights, if one is already running on our runtime socket (None otherwise)."""
+        if not self.config.haproxy.runtime_socket.exists():
+            return None
+        error = None
+        for _ in range(3):  # a reloading HAProxy may miss one exchange; a dead one refuses at once
+            weights, error = await self.haproxy_weights()
+            if weights is not None:
+                return weights
+            await asyncio.sleep(0.2)
+        logger.info("no running HAProxy to adopt weights from: %s", error)
+        return None
 
     async def _listen(self, where: Address | UnixAddress, runtime: RegionRuntime) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -175,7 +219,7 @@ class Daemon:
     async def _start_haproxy(self) -> None:
         cfg = self.config
         binary = find_haproxy(cfg.haproxy.binary)
-        result = render_to_file(cfg, weights=self.weights, binary=binary)
+        result = render_to_file(cfg, weights=self.failover.desired, binary=binary)
         logger.info("haproxy config %s (%s)", result.path, "written" if result.changed else "unchanged")
         self.haproxy = HAProxyProcess(
             binary,
@@ -183,17 +227,93 @@ class Daemon:
             cfg.haproxy.master_socket,
             log_path=cfg.state_dir / "haproxy.log",
             runtime_socket=cfg.haproxy.runtime_socket,
+            on_restart=self._haproxy_restarted,
         )
         await self.haproxy.start()
-        logger.info("haproxy started (pid %s), stable address %s", self.haproxy.pid, cfg.listen)
+        if self.haproxy.adopted:
+            self.event("haproxy-adopted", f"adopted the running HAProxy (master pid {self.haproxy.pid})")
+            if result.changed:  # it runs an older rendering: load ours (weights are re-asserted after)
+                await self.haproxy.reload()
+        logger.info("haproxy running (pid %s), stable address %s", self.haproxy.pid, cfg.listen)
+
+    async def _haproxy_restarted(self) -> None:
+        # A new HAProxy starts from the rendered file, which carries the active region's weights; read back
+        # at once anyway, so status and the keeper agree without waiting for the periodic check.
+        self.event(
+            "haproxy-restarted", f"HAProxy restarted (pid {self.haproxy.pid if self.haproxy else '?'})"
+        )
+        await self.keeper.kick()
+
+    async def _start_watcher(self) -> None:
+        paths = [template_path(self.config)]
+        if self.config_path is not None:
+            paths.append(self.config_path)
+        self.watcher = FileWatcher(paths, self._files_changed, debounce=0.5)
+        self.watcher.start()
+
+    async def _files_changed(self, changed: frozenset[Path]) -> None:
+        """The template or the config file changed: reload the config, re-render, reload HAProxy."""
+        if self.config_path is not None and self.config_path.resolve() in {p.resolve() for p in changed}:
+            try:
+                new = await asyncio.to_thread(load_config, self.config_path)
+            except ConfigError as exc:
+                self.event(
+                    "reload-refused",
+                    f"{self.config_path} changed but is invalid; keeping the running config: "
+                    + "; ".join(exc.problems),
+                )
+                return
+            self.reload(new)
+        await self.rerender(reload=True, why=", ".join(sorted(p.name for p in changed)) + " changed")
+
+    async def rerender(self, *, reload: bool, why: str) -> bool:
+        """Render haproxy.cfg with the active region's weights; with `reload`, reload HAProxy when the file
+        changed. An invalid rendering writes nothing and leaves HAProxy as it is. True if all went well."""
+        if not self.config.haproxy.manage:
+            return True
+        async with self._render_lock:
+            cfg = self.config
+            try:
+                binary = find_haproxy(cfg.haproxy.binary)
+                result = await asyncio.to_thread(
+                    render_to_file, cfg, weights=self.failover.desired, binary=binary
+                )
+            except Exception as exc:  # RenderError, a missing binary, a full disk: the old config stays
+                self.event("haproxy-config-invalid", f"{why}: not applied, HAProxy keeps its config: {exc}")
+                return False
+            if not result.changed:
+                return True
+            if not reload or self.haproxy is None:
+                return True
+            try:
+                outcome = await self.haproxy.reload()
+            except RuntimeUnavailable as exc:
+                self.event("haproxy-reload-failed", f"{why}: HAProxy not reloaded: {exc}")
+                return False
+            if not outcome.success:
+                self.event(
+                    "haproxy-reload-failed", f"{why}: HAProxy refused the new config: {outcome.reason}"
+                )
+                return False
+            self.event("haproxy-reloaded", f"{why}: HAProxy reloaded hitlessly")
+        await self.keeper.kick()
+        return True
 
     async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        self.failover.close()
+        if self.failover.state is not None and self.haproxy is not None:
+            # A move's re-render may still be queued: the file must name the active region before HAProxy
+            # stops, so that its next cold start routes right.
+            await self.rerender(reload=False, why="stopping")
         for server in self._servers:
             server.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.keeper.stop()
         if self.haproxy is not None:
             await self.haproxy.stop()
         # Let in-flight requests finish (bounded), then close what remains.
@@ -208,8 +328,9 @@ class Daemon:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         for runtime in self.regions.values():
             await runtime.pool.close()
-        for probe in self._probe.values():
-            await probe.pool.close()
+        for monitor in self.monitors.values():
+            await monitor.pool.close()
+        await self.notifier.close(2.0)
         await self.credentials.close()
         self.stopped.set()
 
@@ -224,18 +345,82 @@ class Daemon:
             (r.name, r.proxy, r.url) for r in old.regions
         ]:
             needs_restart.append("regions")
-        for key in ("listen", "admin", "haproxy", "state_dir"):
+        for key in ("listen", "admin", "haproxy", "state_dir", "notify"):
             if getattr(config, key) != getattr(old, key):
                 needs_restart.append(key)
         self._policy = data_path_policy(config)
         self.config = config.model_copy(update={k: getattr(old, k) for k in needs_restart})
-        for probe in self._probe.values():
-            probe.pool.request_timeout = self.config.health.timeout
+        for monitor in self.monitors.values():
+            monitor.pool.request_timeout = self.config.health.timeout
+            monitor.runtime.slow_after = self.config.health.slow
         self.event(
             "reload",
             "config reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""),
         )
+        self.failover.poke()  # failover settings may have changed
         return needs_restart
+
+    # -- failover wiring
+    def _health_changed(self, monitor: RegionMonitor, before: HealthState) -> None:
+        after = monitor.state
+        if before.state != after.state:
+            self.event(
+                "region-" + after.state,
+                f"{monitor.name} {after.state}" + (f": {after.cause}" if after.cause else ""),
+                region=monitor.name,
+            )
+        self.failover.poke()
+
+    def _weights_observed(self, observed: dict[str, int] | None) -> None:
+        was = self._weights_were_confirmed
+        self._weights_were_confirmed = observed is not None and observed == self.keeper.desired
+        self.failover.weights_observed(observed, confirmed_before=was)
+
+    def _moved(self, from_region: str, to_region: str, reason: str) -> None:
+        """Traffic moved (the keeper is already flipping HAProxy): answer the requests stuck in a region
+        that is down, and make the rendered file say which region is active."""
+        monitor = self.monitors.get(from_region)
+        runtime = self.regions.get(from_region)
+        if monitor is not None and runtime is not None and monitor.state.state == "down":
+            aborted = runtime.pool.abort_stalled(
+                self.config.health.timeout, f"{from_region} is down, traffic moved to {to_region}"
+            )
+            if aborted:
+                logger.warning("answered %d requests stuck in %s (down) with errors", aborted, from_region)
+        self._spawn(self.rerender(reload=False, why=f"moved to {to_region}"), "render-after-move")
+
+    async def intent(self, intent: Intent, *, confirm_within: float = 5.0) -> tuple[Decision, bool]:
+        """An operator's command; returns the decision and whether HAProxy confirmed the weights."""
+        decision = self.failover.intent(intent)
+        confirmed = await self.keeper.wait_confirmed(confirm_within)
+        return decision, confirmed
+
+    def unreplicated_note(self, to: str) -> str:
+        """What an immediate failover to `to` may leave behind: writes not yet replicated into it."""
+        lag = None  # replication lag is measured by heartbeats (issue 4); unmeasured until then
+        if lag is None:
+            return (
+                f"replication lag into {to} is not measured: writes acknowledged by the previous region "
+                f"shortly before the move may not be in {to} yet (global tables usually replicate within "
+                "a second; `ddb-sidecar reconcile` compares the tables)"
+            )
+        return f"up to {lag} ms of writes may not have reached {to}"
+
+    async def _sweep(self) -> None:
+        """Every SWEEP_EVERY: stalled regions (a blackhole under traffic); every second: listener
+        connections that idle past HAProxy's keep-alive or trickle a request in."""
+        next_expiry = time.monotonic() + 1.0
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            now = time.monotonic()
+            for monitor in self.monitors.values():
+                monitor.sweep(now)
+            if now >= next_expiry:
+                next_expiry = now + 1.0
+                hp = self.config.haproxy
+                idle = hp.timeout_client * 2  # HAProxy closes its idle server connections well before
+                for conn in list(self._connections):
+                    conn.expire(now, idle, hp.timeout_http_request)
 
     # -- the data path's view
     def policy(self) -> DataPathPolicy:
@@ -260,74 +445,6 @@ class Daemon:
         self.events.append(Event(time.time(), kind, reason, tuple(extra.items())))
         logger.info("event %s: %s", kind, reason)
 
-    async def _expire_connections(self) -> None:
-        """Close listener connections that idle past HAProxy's keep-alive or trickle a request in."""
-        hp = self.config.haproxy
-        idle = hp.timeout_client * 2  # HAProxy closes its own idle server connections well before this
-        while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for conn in list(self._connections):
-                conn.expire(now, idle, hp.timeout_http_request)
-
-    # -- probes
-    async def _probe_loop(self, probe: _ProbeRegion) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            outcome = await self._probe_once(probe)
-            self._record_probe(probe, outcome)
-            interval = self.config.health.interval  # read each time: SIGHUP may change it
-            next_at += interval
-            now = loop.time()
-            if next_at < now:  # a slow probe: skip the missed slots rather than bursting
-                next_at = now + interval
-            await asyncio.sleep(next_at - now)
-
-    async def _probe_once(self, probe: _ProbeRegion) -> ProbeOutcome:
-        cfg = self.config
-        runtime = probe.runtime
-        body = orjson.dumps(
-            {"TableName": cfg.health.table, "Key": canary_key(runtime.name), "ConsistentRead": True}
-        )
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[UpstreamResponse | None, UpstreamError | None]] = loop.create_future()
-
-        def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
-            if not done.done():
-                done.set_result((response, error))
-
-        started = time.monotonic()
-        try:
-            head = runtime.signer.request_head(runtime.credentials(), PROBE_TARGET, body, time.time())
-        except Exception as exc:  # credentials unusable: not the region's fault
-            return ProbeOutcome(Cause.AUTH, f"cannot sign the probe: {type(exc).__name__}")
-        probe.pool.send(head + body, reply, idempotent=True)
-        response, error = await done
-        latency = time.monotonic() - started
-        if error is not None:
-            return classify_failure(error.kind, error.detail)
-        assert response is not None
-        return classify_response(
-            response.status, error_code(response.status, response.body), latency, cfg.health.slow
-        )
-
-    def _record_probe(self, probe: _ProbeRegion, outcome: ProbeOutcome) -> None:
-        before = probe.state
-        probe.state = observe(before, outcome, fall=self.config.health.fall, rise=self.config.health.rise)
-        health = probe.runtime.health
-        health.state = probe.state.state
-        health.cause = probe.state.cause
-        health.latency_ms = round(outcome.latency * 1000, 2) if outcome.latency is not None else None
-        health.checked_at = time.time()
-        if before.state != probe.state.state:
-            self.event(
-                "region-" + probe.state.state,
-                f"{probe.runtime.name} {probe.state.state}"
-                + (f": {probe.state.cause}" if probe.state.cause else ""),
-                region=probe.runtime.name,
-            )
-
     # -- status
     async def haproxy_weights(self) -> tuple[dict[str, int] | None, str | None]:
         try:
@@ -340,37 +457,44 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         weights, weights_error = await self.haproxy_weights()
-        active = None
-        if weights:
-            active = next((name for name, w in weights.items() if w > 0), None)
         regions = []
         for name, runtime in self.regions.items():
-            health = runtime.health
+            monitor = self.monitors.get(name)
+            health = monitor.state if monitor is not None else HealthState()
+            latency = monitor.probe_latency if monitor is not None else None
             regions.append(
                 {
                     "name": name,
                     "state": health.state,
                     "cause": health.cause,
-                    "latency_ms": health.latency_ms,
+                    "latency_ms": round(latency * 1000, 2) if latency is not None else None,
                     "weight": weights.get(name) if weights else None,
                     "desired_weight": self.weights.get(name),
+                    "suspect": health.suspect,
+                    "last_ok_at": _iso(health.last_ok_at),
                     "endpoint": self.config.region(name).url,
                     "requests": runtime.stats.total(),
                     "errors": runtime.stats.errors(),
+                    "in_flight": runtime.stats.in_flight,
                     "upstream_connections": runtime.pool.size,
                     "last_upstream_error": runtime.pool.stats.last_error,
                     "last_upstream_error_at": _iso(runtime.pool.stats.last_error_at),
                 }
             )
+        started = self.failover.state is not None
         return {
-            "active_region": active if weights is not None else _desired_active(self.weights),
-            "mode": "automatic" if self.config.failover.automatic else "paused",
+            "active_region": self.failover.active if started else _desired_active(self.weights),
+            "mode": self.failover.mode if started else "automatic",
             "regions": regions,
+            "failover": self.failover.status() if started else None,
             "haproxy": {
                 "managed": self.config.haproxy.manage,
                 "pid": self.haproxy.pid if self.haproxy else None,
+                "adopted": self.haproxy.adopted if self.haproxy else None,
                 "restarts": self.haproxy.restarts if self.haproxy else None,
-                "weights_error": weights_error,
+                "serving_region": _desired_active(weights) if weights else None,
+                "weights_confirmed": self.keeper.confirmed,
+                "weights_error": weights_error or self.keeper.last_error,
             },
             "replication": {"mode": self.config.replication.mode, "lag_ms": None},
             "events": [e.to_json() for e in reversed(self.events)],

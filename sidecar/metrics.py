@@ -74,8 +74,9 @@ class DaemonCollector(Collector):
             connections.add_metric([name, "total"], runtime.pool.size)
             connects.add_metric([name], runtime.pool.stats.connects)
             state.add_metric([name], _STATE.get(runtime.health.state, -1.0))
-            if runtime.health.latency_ms is not None:
-                probe.add_metric([name], runtime.health.latency_ms / 1000)
+            monitor = self.daemon.monitors.get(name)
+            if monitor is not None and monitor.probe_latency is not None:
+                probe.add_metric([name], monitor.probe_latency)
             weight.add_metric([name], self.daemon.weights.get(name, 0))
         yield from (
             requests,
@@ -89,12 +90,73 @@ class DaemonCollector(Collector):
             probe,
             weight,
         )
+        yield from self._failover()
         if self.daemon.haproxy is not None:
             restarts = CounterMetricFamily(
                 "ddb_sidecar_haproxy_restarts", "Times the supervised HAProxy was restarted"
             )
             restarts.add_metric([], self.daemon.haproxy.restarts)
             yield restarts
+
+    def _failover(self) -> Iterator[Metric]:
+        daemon = self.daemon
+        observations = CounterMetricFamily(
+            "ddb_sidecar_health_observations",
+            "Health observations by region, source (probe, write probe, traffic) and cause",
+            labels=["region", "source", "cause"],
+        )
+        suspect = GaugeMetricFamily(
+            "ddb_sidecar_region_suspect",
+            "1 while a region's last observation was an outage",
+            labels=["region"],
+        )
+        active = GaugeMetricFamily(
+            "ddb_sidecar_active_region", "1 for the region the sidecar sends traffic to", labels=["region"]
+        )
+        observed = GaugeMetricFamily(
+            "ddb_sidecar_haproxy_weight", "HAProxy's weight at the last read-back", labels=["region"]
+        )
+        keeper = daemon.keeper
+        seen = keeper.observed or {}
+        started = daemon.failover.state is not None
+        for name, monitor in daemon.monitors.items():
+            for (source, cause), n in list(monitor.outcomes.items()):
+                observations.add_metric([name, source, cause], n)
+            suspect.add_metric([name], 1.0 if monitor.state.suspect else 0.0)
+            if started:
+                active.add_metric([name], 1.0 if daemon.failover.active == name else 0.0)
+            if name in seen:
+                observed.add_metric([name], seen[name])
+        moves = CounterMetricFamily("ddb_sidecar_moves", "Traffic moves by kind", labels=["kind"])
+        for kind, n in daemon.failover.moves_total.items():
+            moves.add_metric([kind], n)
+        alerts = CounterMetricFamily("ddb_sidecar_alerts", "Alerts raised by kind", labels=["kind"])
+        for kind, n in daemon.failover.alerts_total.items():
+            alerts.add_metric([kind], n)
+        paused = GaugeMetricFamily("ddb_sidecar_paused", "1 while automatic decisions are paused")
+        if started:
+            paused.add_metric([], 1.0 if daemon.failover.mode == "paused" else 0.0)
+        confirmed = GaugeMetricFamily(
+            "ddb_sidecar_weights_confirmed", "1 when HAProxy's read-back weights match the desired ones"
+        )
+        confirmed.add_metric([], 1.0 if keeper.confirmed else 0.0)
+        corrections = CounterMetricFamily(
+            "ddb_sidecar_weight_drift_corrections",
+            "Times HAProxy's weights drifted (reload, restart, another writer) and were re-asserted",
+        )
+        corrections.add_metric([], keeper.drift_corrections)
+        failed = CounterMetricFamily(
+            "ddb_sidecar_weight_failed_attempts", "Runtime API attempts to set or confirm weights that failed"
+        )
+        failed.add_metric([], keeper.failed_attempts)
+        webhook = CounterMetricFamily(
+            "ddb_sidecar_webhook_events", "Webhook deliveries by outcome", labels=["outcome"]
+        )
+        notifier = daemon.notifier
+        for outcome in ("sent", "failed", "dropped", "retries"):
+            webhook.add_metric([outcome], getattr(notifier, outcome, 0))
+        yield from (observations, suspect, active, observed, moves, alerts, paused, confirmed, corrections,
+                    failed, webhook)  # fmt: skip
 
 
 def metrics_registry(daemon: Daemon) -> CollectorRegistry:

@@ -144,14 +144,14 @@ def observe(
 
     `source` names where it came from ("probe", "traffic"), for the cause an operator reads.
     """
-    where = f" ({source})" if source else ""
+    where = f" (seen by {source})" if source else ""
     if outcome.is_outage:
         failures = prev.failures + 1
         state = "down" if failures >= fall else prev.state
         return replace(
             prev,
             state=state,
-            cause=f"{failures} consecutive {outcome.cause.value}{where}: {outcome.detail}",
+            cause=f"{failures} consecutive {outcome.cause.value}: {outcome.detail}{where}",
             failures=failures,
             successes=0,
             latency=outcome.latency,
@@ -163,7 +163,7 @@ def observe(
         state = "up" if successes >= rise else "down"
     else:
         state = "up"  # unknown becomes up at the first good answer: at start-up nothing is known to be wrong
-    cause = None if outcome.cause is Cause.OK else f"{outcome.cause.value}{where}: {outcome.detail}"
+    cause = None if outcome.cause is Cause.OK else f"{outcome.cause.value}: {outcome.detail}{where}"
     if state == "down":  # recovering: keep saying why it is down, and how far the recovery got
         why = (prev.cause or "down").split("; recovering:", 1)[0]
         cause = f"{why}; recovering: {successes}/{rise} good answers"

@@ -80,8 +80,18 @@ class RegionHealth:
         return self.state == "up"
 
 
+# (status, body, latency, error, is_write): a request's outcome for the region's health monitor.
+TrafficWatch = Callable[[int | None, bytes | None, float, UpstreamError | None, bool], None]
+
+
 class RegionRuntime:
-    """Everything a listener needs for its region; shared with the prober and the admin API."""
+    """Everything a listener needs for its region; shared with the health monitor and the admin API.
+
+    Passive health signals: the listener reports to `watch` only what may matter (upstream failures, 5xx,
+    answers slower than `slow_after`, and every answer while `suspect`), so a healthy region costs one
+    comparison per request. `last_answer` and `busy_since` (monotonic) let the monitor see a blackhole:
+    requests waiting and no answer for a while.
+    """
 
     def __init__(
         self,
@@ -98,6 +108,11 @@ class RegionRuntime:
         self.policy = policy
         self.health = RegionHealth()
         self.stats = RegionStats()
+        self.watch: TrafficWatch | None = None
+        self.suspect = False
+        self.slow_after = 2.0
+        self.last_answer = 0.0
+        self.busy_since = 0.0
 
 
 class _Request:
@@ -313,17 +328,36 @@ class RegionListener(asyncio.Protocol):
             self._refuse(req, decision, decision.code, _op_label(target))
             return
         assert target is not None  # admitted requests name an operation
+        if region.health.state == "down":
+            # Fail fast rather than send into a region the probes find down (a blackhole would hold the
+            # request for request_timeout, then leave the app unsure whether it was applied). Traffic is
+            # only here when no other region can take it: HAProxy's own check answers the same 3 s later.
+            cause = region.health.cause or "down"
+            self._refuse(req, errors.region_unreachable(region.name, f"it is down: {cause}"), "region_down",
+                         decision.operation.name)  # fmt: skip
+            return
         head = region.signer.request_head(region.credentials(), target, body, time.time())
         self._busy = True
-        region.stats.in_flight += 1
         started = time.monotonic()
+        if not region.stats.in_flight:
+            region.busy_since = started
+        region.stats.in_flight += 1
+        write = decision.kind is OpKind.WRITE
 
         def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
             region.stats.in_flight -= 1
             self._busy = False
+            now = time.monotonic()
             if response is not None:
-                region.stats.upstream_latency.observe(time.monotonic() - started)
+                region.last_answer = now
+                latency = now - started
+                region.stats.upstream_latency.observe(latency)
                 region.stats.requests[(decision.operation.name, response.status)] += 1
+                watch = region.watch
+                if watch is not None and (
+                    response.status >= 500 or latency > region.slow_after or region.suspect
+                ):
+                    watch(response.status, response.body, latency, None, write)
                 self._write_response(response, req.keep_alive)
             else:
                 assert error is not None
@@ -336,6 +370,8 @@ class RegionListener(asyncio.Protocol):
                 )
                 region.stats.upstream_errors[type(error).__name__] += 1
                 region.stats.requests[(decision.operation.name, err.status)] += 1
+                if region.watch is not None:
+                    region.watch(None, None, now - started, error, write)
                 self._write(_error_response(err, close=not req.keep_alive), req.keep_alive)
             self._next()
 

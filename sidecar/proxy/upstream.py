@@ -315,6 +315,33 @@ class UpstreamPool:
             return
         self._dispatch(_Exchange(data, reply, idempotent, self.loop.time()), fresh=False)
 
+    def abort_stalled(self, older_than: float, why: str) -> int:
+        """Answer now the requests that have waited longer than `older_than` seconds for this region.
+
+        Used when traffic moves away from a region found down: its stuck requests would otherwise hold the
+        application's threads until `request_timeout`. Sent ones get a timeout (may or may not have been
+        applied: never resent); queued ones, never sent, get "not sent, safe to retry". Returns how many.
+        """
+        now = self.loop.time()
+        aborted = 0
+        for conn in list(self._all):
+            exchange = conn._exchange
+            if exchange is not None and now - exchange.started > older_than:
+                conn._fail(
+                    UpstreamTimeout(
+                        f"no response from {self.endpoint.host} after {now - exchange.started:.1f}s; {why}"
+                    )
+                )
+                aborted += 1
+        waiting, self._waiting = self._waiting, deque()
+        for exchange in waiting:
+            if now - exchange.started > older_than:
+                exchange.reply(None, UpstreamUnreachable(f"{self.name}: {why}; the request was not sent"))
+                aborted += 1
+            else:
+                self._waiting.append(exchange)
+        return aborted
+
     @property
     def size(self) -> int:
         return len(self._all) + self._connecting

@@ -1,5 +1,6 @@
 """The daemon's life: SIGTERM drains and exits 0, SIGHUP reloads (or keeps a config it cannot load), a
-crash takes its HAProxy with it, and with `haproxy.manage: false` it drives an HAProxy it does not own.
+crash leaves its HAProxy serving for the restarted sidecar to adopt, and with `haproxy.manage: false` it
+drives an HAProxy it does not own.
 
 Each test runs its own `ddb-sidecar run` process (they stop, signal or kill it) in front of the session's
 moto regions.
@@ -212,35 +213,36 @@ def test_sighup_reloads_tables_and_keeps_running_config_when_invalid(
 # -- kill -9 ------------------------------------------------------------------------------------------------
 
 
-def test_sigkill_of_sidecar_takes_managed_haproxy_down(
+def test_sigkill_of_sidecar_leaves_haproxy_serving_and_the_restart_adopts_it(
     regions: list[MotoRegion], app_table: str, tmp_path: Path
 ) -> None:
-    with SidecarStack(regions, [app_table], tmp_path) as stack:
-        haproxy_pid = stack.status()["haproxy"]["pid"]
+    """While the sidecar is dead, HAProxy keeps the stable address and the last weights; the restarted
+    sidecar adopts it (no second HAProxy), and a clean stop then stops it."""
+    stack = SidecarStack(regions, [app_table], tmp_path)
+    stack.start()
+    haproxy_pid = stack.status()["haproxy"]["pid"]
+    try:
         assert isinstance(haproxy_pid, int) and pid_alive(haproxy_pid)
-        assert accepts_connections(stack.listen_port)
-
-        try:
-            stack.signal(signal.SIGKILL)
-            assert stack.wait_exit(5) == -signal.SIGKILL
-            wait_until(
-                lambda: not pid_alive(haproxy_pid),
-                10,
-                interval=0.05,
-                message=f"HAProxy (pid {haproxy_pid}) gone after its sidecar was killed",
-            )
-            # No worker left behind either: nothing serves stale weights on the stable address.
-            wait_until(
-                lambda: not accepts_connections(stack.listen_port),
-                10,
-                interval=0.05,
-                message="the stable address closed",
-            )
-        finally:
-            # If it did survive, do not leak it: HAProxy runs in a process group of its own.
-            if pid_alive(haproxy_pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(haproxy_pid, signal.SIGKILL)
+        stack.signal(signal.SIGKILL)
+        assert stack.wait_exit(5) == -signal.SIGKILL
+        assert pid_alive(haproxy_pid) and accepts_connections(stack.listen_port)
+        stack.process.start()
+        wait_until(
+            lambda: stack.status()["haproxy"]["pid"] == haproxy_pid,
+            30,
+            message="the restarted sidecar adopted the running HAProxy",
+            ignore=(OSError,),
+        )
+        status = stack.status()
+        assert status["haproxy"]["adopted"] is True
+        assert status["active_region"] == regions[0].name
+        assert stack.stop(remove_workdir=False) == 0
+        wait_until(lambda: not pid_alive(haproxy_pid), 15, interval=0.05, message="HAProxy stopped with it")
+    finally:
+        stack.stop()
+        if pid_alive(haproxy_pid):  # HAProxy runs in a process group of its own: never leak it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(haproxy_pid, signal.SIGKILL)
 
 
 # -- haproxy.manage: false ----------------------------------------------------------------------------------

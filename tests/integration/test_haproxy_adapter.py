@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -25,9 +26,9 @@ import pytest
 from aiohttp import web
 
 from sidecar.config import Config, config_from_data
-from sidecar.haproxy.process import HAProxyError, HAProxyProcess
+from sidecar.haproxy.process import HAProxyError, HAProxyProcess, _LogFollower
 from sidecar.haproxy.render import render_to_file
-from sidecar.haproxy.runtime import MasterClient, RuntimeAPIError, RuntimeClient
+from sidecar.haproxy.runtime import MasterClient, RuntimeAPIError, RuntimeClient, RuntimeUnavailable
 from tests.support.ports import free_port
 from tests.support.wait import async_wait_until
 
@@ -226,6 +227,23 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _haproxy_pids(config_file: Path) -> set[int]:
+    """Live processes running `-f config_file`: masters, and workers (they share the master's cmdline)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if any(a == b"-f" and b == os.fsencode(config_file) for a, b in itertools.pairwise(args)):
+            if _live(int(entry)):
+                pids.add(int(entry))
+    return pids
+
+
 async def test_traffic_goes_to_the_weighted_server(stack: Stack) -> None:
     state = await stack.runtime.servers_state("dynamodb")
     assert set(state) == {HOME, OTHER}
@@ -392,14 +410,102 @@ async def test_stop_lets_the_request_in_flight_finish(stack: Stack) -> None:
     assert not stack.haproxy.running
 
 
-async def test_second_haproxy_on_the_same_master_socket_is_refused(stack: Stack) -> None:
+async def test_same_config_on_the_master_socket_is_adopted_another_is_refused(stack: Stack) -> None:
+    cfg = stack.config.haproxy
+    master_pid = stack.haproxy.pid
+    assert master_pid is not None
     other = HAProxyProcess(
-        stack.haproxy.binary, stack.config.haproxy.config, stack.config.haproxy.master_socket, start_timeout=5
-    )
-    with pytest.raises(HAProxyError, match="already answers"):
+        stack.haproxy.binary, cfg.config, cfg.master_socket, runtime_socket=cfg.runtime_socket,
+        log_path=stack.haproxy.log_path, start_timeout=5,
+    )  # fmt: skip
+    try:
         await other.start()
-    assert other.pid is None
+        assert other.adopted and other.pid == master_pid
+        assert other.status()["adopted"] is True and other.status()["running"] is True
+        assert stack.haproxy.status()["adopted"] is False
+        table = await MasterClient(cfg.master_socket).show_proc()
+        assert table.master.pid == master_pid
+        assert _haproxy_pids(cfg.config) == {master_pid, *table.worker_pids}  # no second master
+        assert await stack.served_by(2) == {HOME}
+    finally:
+        await other.detach()  # leave it to the fixture's supervisor
+    assert not other.adopted and other.pid is None
+    assert stack.haproxy.pid == master_pid
+
+    # The same master socket, another config file (even with the same content): not ours to adopt.
+    foreign_config = cfg.config.with_name("another.cfg")
+    foreign_config.write_text(cfg.config.read_text())
+    foreign = HAProxyProcess(stack.haproxy.binary, foreign_config, cfg.master_socket, start_timeout=5)
+    with pytest.raises(HAProxyError, match="already answers") as caught:
+        await foreign.start()
+    message = str(caught.value)
+    assert f"master pid {master_pid}" in message and str(cfg.config) in message
+    assert "will not adopt" in message and "set another haproxy.master_socket" in message
+    assert foreign.pid is None and not foreign.adopted
+    await foreign.stop()  # nothing of its own to stop: the running HAProxy is untouched
+    assert stack.haproxy.pid == master_pid
     assert await stack.served_by(2) == {HOME}
+
+
+def test_log_follower_survives_truncation_rotation_and_floods(short_dir: Path) -> None:
+    """The follower of HAProxy's log file, driven by hand: no HAProxy needed, no timing involved."""
+    path = short_dir / "haproxy.log"
+    path.write_bytes(b"written before the sidecar started\n")
+    lines: list[str] = []
+    problems: list[str] = []
+    follower = _LogFollower(path, lines.append, problems.append)
+    follower.open_at_end()
+    appender = os.open(path, os.O_WRONLY | os.O_APPEND)
+    plain = os.open(path, os.O_WRONLY)  # as HAProxy's, once it cleared O_APPEND: writes at its own offset
+    try:
+        os.write(appender, b"one\ntw")
+        follower.poll()
+        assert lines == ["one"]  # history is not news; "tw" is not a line yet
+        os.write(appender, b"o\n")
+        follower.poll()
+        assert lines == ["one", "two"]
+
+        # copytruncate: the writer without O_APPEND goes on at its offset, after a hole of NUL bytes.
+        os.lseek(plain, 0, os.SEEK_END)
+        os.truncate(path, 0)
+        follower.poll()
+        assert [p for p in problems if "truncated" in p]
+        os.write(plain, b"three\n")
+        follower.poll()
+        assert lines[-1] == "three"
+        # Truncated, then written by an O_APPEND writer before the follower looked.
+        os.truncate(path, 0)
+        os.write(appender, b"four\n")
+        follower.poll()
+        assert lines[-1] == "four"
+
+        # Rotation by rename: the old file is read to its end, then the new one from its start.
+        os.write(appender, b"five\n")
+        path.rename(short_dir / "haproxy.log.1")
+        path.write_bytes(b"six\n")
+        follower.poll()
+        assert lines[-2:] == ["five", "six"]
+
+        # A flood: the follower skips to near the end instead of falling ever further behind.
+        with open(path, "ab") as f:
+            for _ in range(90):
+                f.write((b"x" * 99 + b"\n") * 1000)
+            f.write(b"last\n")
+        before = len(lines)
+        follower.poll()
+        assert [p for p in problems if "skipped" in p]
+        assert lines[-1] == "last" and len(lines) - before < 1000
+        assert all(line == "x" * 99 for line in lines[before:-1])  # no cut line from the skip
+
+        # At the end (HAProxy died): an unterminated last line is taken too.
+        with open(path, "ab") as f:
+            f.write(b"no newline")
+        follower.drain()
+        assert lines[-1] == "no newline"
+    finally:
+        os.close(appender)
+        os.close(plain)
+        follower.close()
 
 
 @pytest.mark.parametrize("binary", BINARIES)
@@ -422,7 +528,8 @@ import asyncio, sys
 from sidecar.haproxy.process import HAProxyProcess
 
 async def main():
-    hx = HAProxyProcess(sys.argv[1], sys.argv[2], sys.argv[3])
+    binary, config, master, runtime, log = sys.argv[1:6]
+    hx = HAProxyProcess(binary, config, master, runtime_socket=runtime, log_path=log)
     await hx.start()
     print(hx.pid, flush=True)
     await asyncio.sleep(3600)
@@ -431,32 +538,211 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("binary", BINARIES)
-async def test_no_orphan_when_the_sidecar_is_killed(binary: str, short_dir: Path) -> None:
+@dataclass
+class Orphan:
+    """An HAProxy started by a sidecar process (ORPHAN_SCRIPT) that the test kills with SIGKILL."""
+
+    binary: str
+    config: Config
+    log_path: Path
+    sidecar: asyncio.subprocess.Process
+    master_pid: int
+    url: str
+
+    def adopter(self, **kwargs: Any) -> HAProxyProcess:
+        """What the next sidecar creates: the same binary, config, sockets and log file."""
+        cfg = self.config.haproxy
+        return HAProxyProcess(
+            self.binary, cfg.config, cfg.master_socket, runtime_socket=cfg.runtime_socket,
+            log_path=self.log_path, start_timeout=5, backoff_min=0.2, **kwargs,
+        )  # fmt: skip
+
+    async def kill_sidecar(self) -> None:
+        self.sidecar.kill()  # SIGKILL: no finally, no atexit in the sidecar
+        assert await asyncio.wait_for(self.sidecar.wait(), 10) == -signal.SIGKILL
+
+
+async def _wait_up(runtime: RuntimeClient, name: str, within: float = 10.0) -> None:
+    async def check() -> bool:
+        return (await runtime.servers_state("dynamodb"))[name].up
+
+    await async_wait_until(
+        check, within, interval=0.05, message=f"{name} up in HAProxy", ignore=(RuntimeUnavailable,)
+    )
+
+
+@pytest.fixture(params=BINARIES)
+async def orphan(request: pytest.FixtureRequest, short_dir: Path) -> AsyncIterator[Orphan]:
+    """HAProxy run by a sidecar subprocess in front of two fake regions; everything killed at the end."""
+    binary: str = request.param
     ports = {name: free_port() for name in ("listen", "stats", HOME, OTHER)}
     config = make_config(short_dir, ports)
     render_to_file(config, binary=binary)
-    sidecar = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", ORPHAN_SCRIPT, binary, str(config.haproxy.config), str(config.haproxy.master_socket),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    master_pid = 0
+    log_path = short_dir / "haproxy.log"
+    regions = [FakeRegion(name, ports[name]) for name in (HOME, OTHER)]
+    sidecar: asyncio.subprocess.Process | None = None
     try:
+        for region in regions:
+            await region.start()
+        err = os.open(short_dir / "sidecar.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            sidecar = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", ORPHAN_SCRIPT, binary, str(config.haproxy.config),
+                str(config.haproxy.master_socket), str(config.haproxy.runtime_socket), str(log_path),
+                stdout=asyncio.subprocess.PIPE, stderr=err,
+            )  # fmt: skip
+        finally:
+            os.close(err)
         assert sidecar.stdout is not None
-        master_pid = int(await asyncio.wait_for(sidecar.stdout.readline(), 15))
-        table = await MasterClient(config.haproxy.master_socket).show_proc()
-        pids = {master_pid, *table.worker_pids}
-        sidecar.kill()  # SIGKILL: no finally, no atexit in the sidecar
-        await sidecar.wait()
-        await async_wait_until(
-            lambda: not [pid for pid in pids if _live(pid)],
-            10,
-            message=f"HAProxy {pids} gone with its parent",
-        )
+        line = await asyncio.wait_for(sidecar.stdout.readline(), 15)
+        assert line.strip(), (short_dir / "sidecar.err").read_text()
+        await _wait_up(RuntimeClient(config.haproxy.runtime_socket), HOME)
+        yield Orphan(binary, config, log_path, sidecar, int(line), f"http://127.0.0.1:{ports['listen']}/")
     finally:
-        if sidecar.returncode is None:
+        if sidecar is not None and sidecar.returncode is None:
             sidecar.kill()
             await sidecar.wait()
-        if master_pid:
+        for pid in _haproxy_pids(config.haproxy.config):  # whatever survived the test
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(master_pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+        for region in regions:
+            await region.stop()
+
+
+async def test_haproxy_outlives_a_killed_sidecar_and_the_next_one_adopts_it(orphan: Orphan) -> None:
+    cfg = orphan.config.haproxy
+    before = await MasterClient(cfg.master_socket).show_proc()
+    assert before.master.pid == orphan.master_pid
+
+    statuses: list[int | str] = []
+    stop_load = asyncio.Event()
+
+    async def load(http: aiohttp.ClientSession) -> None:
+        while not stop_load.is_set():
+            try:
+                async with http.post(
+                    orphan.url, data=b"{}", headers={"X-Amz-Target": "DynamoDB_20120810.GetItem"}
+                ) as r:
+                    await r.read()
+                    statuses.append(r.status)
+            except aiohttp.ClientError as exc:
+                statuses.append(repr(exc))
+
+    adopter = orphan.adopter()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            loader = asyncio.create_task(load(http), name="load-across-the-kill")
+            try:
+                await async_wait_until(lambda: len(statuses) >= 20, 10, message="requests before the kill")
+                await orphan.kill_sidecar()
+                n = len(statuses)
+                await async_wait_until(lambda: len(statuses) >= n + 50, 10, message="requests after the kill")
+                assert _live(orphan.master_pid), "HAProxy died with its sidecar"
+
+                await adopter.start()
+                n = len(statuses)
+                await async_wait_until(
+                    lambda: len(statuses) >= n + 20, 10, message="requests after the adoption"
+                )
+            finally:
+                stop_load.set()
+                await loader
+        # Traffic never stopped: not one request failed across the kill and the adoption.
+        assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+        assert adopter.adopted and adopter.status()["adopted"] is True
+        assert adopter.pid == orphan.master_pid and adopter.running
+        after = await MasterClient(cfg.master_socket).show_proc()
+        assert after.master.pid == orphan.master_pid and after.worker_pids == before.worker_pids
+        assert _haproxy_pids(cfg.config) == {orphan.master_pid, *after.worker_pids}  # no second HAProxy
+
+        # The adopted master is supervised: when it dies, a child of our own replaces it.
+        restarted = asyncio.Event()
+
+        async def on_restart() -> None:
+            restarted.set()
+
+        adopter.on_restart = on_restart
+        os.kill(orphan.master_pid, signal.SIGKILL)
+        await async_wait_until(
+            lambda: adopter.restarts == 1 and adopter.pid not in (None, orphan.master_pid),
+            15,
+            message=lambda: f"restart after the adopted master was killed; status {adopter.status()}",
+        )
+        assert restarted.is_set() and not adopter.adopted
+        assert f"adopted master pid {orphan.master_pid} is gone" in (adopter.last_exit or "")
+        await async_wait_until(
+            lambda: not _group_members(orphan.master_pid), 5, message="the killed master's workers gone"
+        )
+        new = await MasterClient(cfg.master_socket).show_proc()
+        assert new.master.pid == adopter.pid
+        assert _haproxy_pids(cfg.config) == {new.master.pid, *new.worker_pids}
+        await _wait_up(RuntimeClient(cfg.runtime_socket), HOME)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.post(orphan.url, data=b"{}") as r:
+                assert r.status == 200 and json.loads(await r.read()) == {"region": HOME}
+
+        await adopter.stop(soft_timeout=5.0)
+        assert not adopter.running and adopter.pid is None
+        assert not _haproxy_pids(cfg.config)
+    finally:
+        await adopter.stop(soft_timeout=1.0, term_timeout=1.0)
+
+
+async def test_adopted_haproxy_stops_on_stop(orphan: Orphan) -> None:
+    await orphan.kill_sidecar()
+    table = await MasterClient(orphan.config.haproxy.master_socket).show_proc()
+    adopter = orphan.adopter()
+    try:
+        await adopter.start()
+        assert adopter.adopted and adopter.pid == orphan.master_pid
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await adopter.stop(soft_timeout=5.0)
+        assert loop.time() - started < 4.0  # nothing in flight: no need to wait for the soft timeout
+        assert not adopter.running and not adopter.adopted and adopter.pid is None
+        assert not [pid for pid in (orphan.master_pid, *table.worker_pids) if _live(pid)]
+        assert not _haproxy_pids(orphan.config.haproxy.config)
+    finally:
+        await adopter.stop(soft_timeout=1.0, term_timeout=1.0)
+
+
+async def test_haproxy_output_reaches_the_log_file_after_its_sidecar_died(orphan: Orphan) -> None:
+    await orphan.kill_sidecar()
+    # Nobody follows the log now; with pipes to the dead sidecar, HAProxy's next lines would be lost.
+    size = orphan.log_path.stat().st_size
+    result = await MasterClient(orphan.config.haproxy.master_socket).reload()
+    assert result.success, result
+    (worker,) = result.new_workers
+
+    def written_since_the_kill() -> str:
+        with open(orphan.log_path, "rb") as f:
+            f.seek(size)
+            return f.read().decode("utf-8", "replace")
+
+    await async_wait_until(
+        lambda: (
+            "Reloading HAProxy" in written_since_the_kill()
+            and f"New worker ({worker}) forked" in written_since_the_kill()
+        ),
+        10,
+        message=lambda: f"reload lines in {orphan.log_path}: {written_since_the_kill()!r}",
+    )
+
+    # The next sidecar follows the file again, also after it was truncated (logrotate copytruncate).
+    adopter = orphan.adopter()
+    try:
+        await adopter.start()
+        assert adopter.adopted
+        os.truncate(orphan.log_path, 0)
+        result = await adopter.reload()
+        assert result.success, result
+        (worker,) = result.new_workers
+        await async_wait_until(
+            lambda: any(f"New worker ({worker}) forked" in line for line in adopter.tail()),
+            10,
+            message=lambda: f"the reload's lines in tail(): {adopter.tail()}",
+        )
+        # HAProxy writes at its old offset (it cleared O_APPEND): the hole before is no output.
+        assert not [line for line in adopter.tail() if "\x00" in line]
+    finally:
+        await adopter.stop(soft_timeout=1.0, term_timeout=1.0)

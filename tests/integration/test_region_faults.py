@@ -2,7 +2,8 @@
 
 One sidecar for the module; its us-east-1 endpoint is the fault proxy (tests/support/faultproxy.py) in
 front of the session's moto us-east-1, and `proxy.request_timeout` is 1 s so that timeouts are quick.
-Only the home region is weighted, so HAProxy routes every request to the us-east-1 listener until that
+Automatic failover is off (these tests are about one region's faults, not moves: tests/integration/
+test_failover.py has those), so HAProxy routes every request to the us-east-1 listener until that
 listener's health check says the region is down; after that HAProxy answers 503 itself. A request sent
 right after a mode change reaches the listener: the probe needs `fall` (2) failures 250 ms apart and
 HAProxy two more checks before it stops routing there.
@@ -29,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.test_data_path import error_of
 from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import SidecarStack, new_app_table
+from tests.support.stack import DEFAULT_TEST_HEALTH, SidecarStack, new_app_table
 from tests.support.wait import wait_until
 
 HOME = "us-east-1"
@@ -63,7 +64,13 @@ def stack(
         [table],
         tmp_path_factory.mktemp("faults"),
         endpoints={HOME: proxy.url},
-        extra={"proxy": {"request_timeout": f"{REQUEST_TIMEOUT:g}s"}},
+        # Automatic failover off: these tests are about what one region's faults do to its requests.
+        extra={
+            "proxy": {"request_timeout": f"{REQUEST_TIMEOUT:g}s"},
+            "failover": {"automatic": False},
+            # read probes only: the tests count the PutItems that reach the region
+            "health": {**DEFAULT_TEST_HEALTH, "write_every": 0},
+        },
     ) as s:
         s.wait_regions_up()
         yield s
@@ -223,7 +230,7 @@ def test_refused_connect_is_503_not_sent_and_region_goes_down(
 def test_blackhole_write_times_out_as_maybe_applied(
     stack: SidecarStack, proxy: FaultProxy, app: Any, table: str, moto_regions: dict[str, MotoRegion]
 ) -> None:
-    proxy.set_mode("blackhole")
+    proxy.set_mode("blackhole", match=table)  # only the app's table: the probes' PutItems pass
     pk = unique("black")
     (status, code, message), _, took = failing(app.put_item, TableName=table, Item=key(pk))
     assert (status, code) == (500, "InternalServerError")
@@ -231,6 +238,7 @@ def test_blackhole_write_times_out_as_maybe_applied(
     assert REQUEST_TIMEOUT * 0.9 <= took < REQUEST_TIMEOUT + 2.0
     assert proxy.requests("blackhole", "PutItem") == 1
     assert moto_item(moto_regions, table, pk) is None  # the blackhole swallowed it
+    proxy.set_mode("blackhole")  # now everything, the probes too
     region = wait_home(stack, "down", "timeout")
     assert "consecutive timeout" in region["cause"]
 

@@ -31,6 +31,8 @@ from .wait import wait_until
 
 SIDECAR = Path(sys.executable).parent / "ddb-sidecar"
 HEALTH_TABLE = "ddb-sidecar-health"
+# Quick health settings for tests that are not about failover timing (those use the defaults).
+DEFAULT_TEST_HEALTH = {"table": HEALTH_TABLE, "interval": "250ms", "timeout": "400ms", "fall": 2, "rise": 2}
 
 
 def isolated_aws_env(access_key: str, secret: str, region: str = "us-east-1") -> dict[str, str]:
@@ -79,7 +81,7 @@ class SidecarStack:
                 for r in regions
             ],
             "tables": list(tables),
-            "health": {"table": HEALTH_TABLE, "interval": "250ms", "timeout": "400ms", "fall": 2, "rise": 2},
+            "health": dict(DEFAULT_TEST_HEALTH),
             "haproxy": {"manage": True, "stats": f"127.0.0.1:{self.stats_port}"},
             "admin": f"127.0.0.1:{self.admin_port}",
             "state_dir": "run",

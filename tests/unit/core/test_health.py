@@ -73,7 +73,7 @@ def test_observe_tracks_when_failing_began_and_the_last_good_answer() -> None:
     assert (s.state, s.last_ok_at, s.failing_since, s.kind) == ("up", 10.0, None, Cause.OK)
     s = observe(s, bad, fall=3, rise=2, now=11.0, source="traffic")
     assert s.suspect and s.failing_since == 11.0 and s.kind is Cause.TIMEOUT
-    assert s.cause is not None and "(traffic)" in s.cause
+    assert s.cause is not None and s.cause.endswith("(seen by traffic)")
     s = observe(s, bad, fall=3, rise=2, now=12.0)
     s = observe(s, bad, fall=3, rise=2, now=13.0)
     assert s.state == "down" and not s.suspect and s.failing_since == 11.0 and s.last_ok_at == 10.0

@@ -1,0 +1,240 @@
+"""Watching one region: active probes, passive signals from the app's traffic, and stall detection.
+
+The classification and the fall/rise arithmetic are pure (`sidecar.core.health`); this is the I/O around it:
+- read probes: a signed, consistent GetItem of the region's own canary item every `health.interval`;
+- write probes: a PutItem of that item every `health.write_every` probes, so a region that reads but cannot
+  write is seen (reads and writes keep separate failure runs: successful reads must not hide failing writes);
+- fast probes (HAProxy's `fastinter`): while a region is suspect (its last observation was an outage) or a
+  probe is overdue, probes go out every `fast_interval`, overlapping, so `fall` failures take ~2 fast
+  intervals instead of `fall` intervals; `probe_now()` sends one at once (the controller asks for it before
+  a move, to see that the target answers *now*);
+- passive signals: the listener reports upstream failures, 5xx and slow answers of real requests (and every
+  answer while the region is suspect); `sweep()` notices requests waiting past `health.timeout` with no
+  answer at all from the region in that time (a blackhole), so a busy app is protected before the next
+  probe times out.
+Recovery (`rise`) is seen by probes and traffic alike; nothing here decides about traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import orjson
+
+from sidecar.config import Config
+from sidecar.core.health import (
+    Cause,
+    HealthState,
+    ProbeOutcome,
+    classify_failure,
+    classify_response,
+    error_code,
+    observe,
+)
+from sidecar.proxy.listener import RegionRuntime
+from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+
+logger = logging.getLogger(__name__)
+
+READ_TARGET = "DynamoDB_20120810.GetItem"
+WRITE_TARGET = "DynamoDB_20120810.PutItem"
+MAX_OUTSTANDING = 4  # overlapping probes per region at most
+_STATE_ORDER = {"down": 0, "unknown": 1, "up": 2}
+
+
+def canary_key(region: str) -> dict[str, Any]:
+    """Each region probes its own item, so replicated probe writes never conflict."""
+    return {"pk": {"S": f"canary#{region}"}}
+
+
+def fast_interval(interval: float) -> float:
+    return min(interval, max(0.05, interval / 5))
+
+
+def combine(reads: HealthState, writes: HealthState) -> HealthState:
+    """One region's health from its read and write runs: the worse one wins; unknown writes (no write probe
+    yet) do not hold back a region whose reads are up."""
+    worst = min((reads, writes), key=lambda h: _STATE_ORDER.get(h.state, 1))
+    if worst.state == "down":
+        chosen = worst
+    elif reads.state == "up":
+        chosen = writes if writes.failures > reads.failures else reads
+        chosen = replace(chosen, state="up")
+    else:
+        chosen = reads
+    starts = [h.failing_since for h in (reads, writes) if h.failing_since is not None]
+    oks = [h.last_ok_at for h in (reads, writes) if h.last_ok_at is not None]
+    return replace(
+        chosen,
+        failing_since=min(starts) if starts else None,
+        last_ok_at=max(oks) if oks else None,
+    )
+
+
+class RegionMonitor:
+    """The health of one region, from its probes and its traffic. `on_change` is called (synchronously)
+    whenever the region's state, cause or suspicion changes."""
+
+    def __init__(
+        self,
+        runtime: RegionRuntime,
+        pool: UpstreamPool,
+        config: Callable[[], Config],
+        on_change: Callable[[RegionMonitor, HealthState], None],
+    ) -> None:
+        self.name = runtime.name
+        self.runtime = runtime
+        self.pool = pool
+        self._config = config
+        self._on_change = on_change
+        self.reads = HealthState()
+        self.writes = HealthState()
+        self.state = HealthState()
+        self.outcomes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (source, cause) -> count
+        self.probe_latency: float | None = None
+        self._outstanding: dict[int, float] = {}  # probe id -> monotonic start
+        self._ids = 0
+        self._wake = asyncio.Event()
+        self._count = 0
+        self._stall_reported_at = 0.0
+        runtime.watch = self.traffic
+
+    # -- observations
+    def observe(self, outcome: ProbeOutcome, source: str, *, write: bool = False) -> None:
+        cfg = self._config().health
+        now = time.time()
+        self.outcomes[(source, outcome.cause.value)] += 1
+        if write and not cfg.write_every:
+            write = False  # no write probes to clear a write failure run: one run for everything
+        if write:
+            self.writes = observe(self.writes, outcome, fall=cfg.fall, rise=cfg.rise, now=now, source=source)
+        else:
+            self.reads = observe(self.reads, outcome, fall=cfg.fall, rise=cfg.rise, now=now, source=source)
+        before = self.state
+        self.state = combine(self.reads, self.writes)
+        health = self.runtime.health
+        health.state = self.state.state
+        health.cause = self.state.cause
+        health.checked_at = now
+        self.runtime.suspect = self.state.failures > 0 or self.reads.failures > 0 or self.writes.failures > 0
+        if self.state.suspect and not before.suspect:
+            self._wake.set()  # go fast now
+        changed = (before.state, before.cause, before.suspect) != (
+            self.state.state,
+            self.state.cause,
+            self.state.suspect,
+        )
+        # Probes always report (a fresh good answer can be what a waiting move needs); traffic only on change.
+        if changed or source != "traffic":
+            self._on_change(self, before)
+
+    def traffic(self, status: int | None, body: bytes | None, latency: float, error: UpstreamError | None,
+                write: bool) -> None:  # fmt: skip
+        """A real request's outcome (called by the listener only when it may matter: failures, 5xx, slow
+        answers, and any answer while the region is suspect)."""
+        try:
+            if error is not None:
+                outcome = classify_failure(error.kind, f"app request: {error.detail}")
+            else:
+                assert status is not None and body is not None
+                code = error_code(status, body) if status >= 500 else None
+                outcome = classify_response(status, code, latency, self._config().health.slow)
+            self.observe(outcome, "traffic", write=write)
+        except Exception:  # the data path must never fail because of health bookkeeping
+            logger.exception("region %s: recording a traffic outcome failed", self.name)
+
+    def sweep(self, now: float) -> None:
+        """A blackhole under traffic: requests have waited past `health.timeout` and the region answered
+        nothing in that time. Counts as one timeout per waiting request (at most `fall`), once per timeout."""
+        rt = self.runtime
+        if rt.stats.in_flight <= 0:
+            return
+        cfg = self._config().health
+        quiet_since = max(rt.last_answer, rt.busy_since)
+        if now - quiet_since <= cfg.timeout or now - self._stall_reported_at <= cfg.timeout:
+            return
+        self._stall_reported_at = now
+        waiting = rt.stats.in_flight
+        detail = f"{waiting} app request(s) waiting, no answer from {self.name} for {(now - quiet_since) * 1000:.0f} ms"
+        for _ in range(min(waiting, cfg.fall)):
+            self.observe(ProbeOutcome(Cause.TIMEOUT, detail), "traffic")
+
+    # -- probes
+    def probe_now(self) -> None:
+        self._wake.set()
+
+    def _hurry(self, now: float, fast: float) -> bool:
+        """Probe at the fast pace: the region is suspect, or a probe has gone unanswered for a while."""
+        return self.state.suspect or any(now - started > fast for started in self._outstanding.values())
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            cfg = self._config().health
+            fast = fast_interval(cfg.interval)
+            now = loop.time()
+            if self._wake.is_set() or now >= next_at:
+                self._wake.clear()
+                if len(self._outstanding) < MAX_OUTSTANDING:
+                    self._launch(loop)
+                next_at = now + (fast if self._hurry(now, fast) else cfg.interval)
+            wake_at = next_at
+            if self._outstanding and not self._hurry(now, fast):
+                # the moment the oldest probe becomes overdue, switch to the fast pace
+                wake_at = min(wake_at, min(self._outstanding.values()) + fast + 0.001)
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(wake_at - loop.time(), 0.001))
+            except TimeoutError:
+                now = loop.time()
+                if self._hurry(now, fast):
+                    next_at = min(next_at, now)
+
+    def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._count += 1
+        cfg = self._config()
+        every = cfg.health.write_every
+        write = bool(every) and (self.writes.suspect or (self._count % every == 0 and not self.reads.suspect))
+        key = canary_key(self.name)
+        if write:
+            item = {**key, "at": {"N": repr(time.time())}}
+            body = orjson.dumps({"TableName": cfg.health.table, "Item": item})
+            target = WRITE_TARGET
+        else:
+            body = orjson.dumps({"TableName": cfg.health.table, "Key": key, "ConsistentRead": True})
+            target = READ_TARGET
+        self._ids += 1
+        probe_id = self._ids
+        started = loop.time()
+        self._outstanding[probe_id] = started
+        source = "write probe" if write else "probe"
+        try:
+            head = self.runtime.signer.request_head(self.runtime.credentials(), target, body, time.time())
+        except Exception as exc:  # credentials unusable: not the region's fault
+            del self._outstanding[probe_id]
+            self.observe(ProbeOutcome(Cause.AUTH, f"cannot sign the probe: {type(exc).__name__}"), source)
+            return
+
+        def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+            self._outstanding.pop(probe_id, None)
+            latency = loop.time() - started
+            if error is not None:
+                outcome = classify_failure(error.kind, error.detail)
+            else:
+                assert response is not None
+                self.probe_latency = latency
+                outcome = classify_response(
+                    response.status,
+                    error_code(response.status, response.body),
+                    latency,
+                    self._config().health.slow,
+                )
+            self.observe(outcome, source, write=write)
+
+        self.pool.send(head + body, reply, idempotent=not write)
