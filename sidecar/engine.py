@@ -477,8 +477,7 @@ class Daemon:
                     "errors": runtime.stats.errors(),
                     "in_flight": runtime.stats.in_flight,
                     "upstream_connections": runtime.pool.size,
-                    "last_upstream_error": runtime.pool.stats.last_error,
-                    "last_upstream_error_at": _iso(runtime.pool.stats.last_error_at),
+                    **_last_error(runtime.pool, monitor.pool if monitor is not None else None),
                 }
             )
         started = self.failover.state is not None
@@ -514,6 +513,18 @@ def _remove_stale_socket(path: Path) -> None:
         raise OSError(errno.EADDRINUSE, f"{path} is in use by a running process (another ddb-sidecar?)")
     finally:
         probe.close()
+
+
+def _last_error(*pools: UpstreamPool | None) -> dict[str, str | None]:
+    """The most recent upstream error of a region, from app traffic or probes (a region that is down gets
+    no app traffic, but the operator still wants to see why)."""
+    errors = [
+        (p.stats.last_error_at, p.stats.last_error) for p in pools if p is not None and p.stats.last_error
+    ]
+    if not errors:
+        return {"last_upstream_error": None, "last_upstream_error_at": None}
+    at, text = max(errors, key=lambda e: e[0] or 0.0)
+    return {"last_upstream_error": text, "last_upstream_error_at": _iso(at)}
 
 
 def _iso(at: float | None) -> str | None:

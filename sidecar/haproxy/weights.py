@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -66,13 +66,24 @@ def check_weights(weights: Mapping[str, int]) -> Weights:
     return out
 
 
-def apply_commands(backend: str, desired: Mapping[str, int], current: Mapping[str, int]) -> list[str]:
+def apply_commands(
+    backend: str,
+    desired: Mapping[str, int],
+    current: Mapping[str, int],
+    not_running: Collection[str] = (),
+) -> list[str]:
     """The `set server ... weight` commands that put `desired` in place, in a safe order.
 
     Every server in `desired` is set, whatever `current` (HAProxy's last read-back) says: the read-back
     may be stale by the time the line runs (a reload in between), and writing an unchanged weight is
     harmless. Order: servers whose weight goes up first (the new active ones), then the other weighted
     ones, then those that go to 0. Ties by name.
+
+    A server that gets weight while HAProxy's own check has it down (`not_running`: it was down while
+    it carried no traffic, e.g. both regions were down and this one came back first) is first forced
+    `health up`: the sidecar has just seen its region answer, and HAProxy's next check (`rise 1`) would
+    only say so up to one interval later, answering 503 in between. A wrong force is undone by the
+    next failed checks.
     """
 
     def rank(item: tuple[str, int]) -> tuple[int, str]:
@@ -81,7 +92,12 @@ def apply_commands(backend: str, desired: Mapping[str, int], current: Mapping[st
             return 0, server
         return (1 if weight > 0 else 2), server
 
-    return [weight_command(backend, server, weight) for server, weight in sorted(desired.items(), key=rank)]
+    commands = []
+    for server, weight in sorted(desired.items(), key=rank):
+        if weight > 0 and server in not_running:
+            commands.append(f"set server {backend}/{server} health up")
+        commands.append(weight_command(backend, server, weight))
+    return commands
 
 
 def weights_of(states: Mapping[str, ServerState]) -> Weights:
@@ -133,6 +149,7 @@ def check_answers(commands: list[str], answers: list[str]) -> None:
 class _ReadBack:
     weights: Weights
     worker_pid: str | None
+    not_running: frozenset[str] = frozenset()
 
 
 class WeightKeeper:
@@ -329,7 +346,7 @@ class WeightKeeper:
                     f"(HAProxy has {', '.join(sorted(read.weights)) or 'no servers'}); nothing written"
                 )
             self._note_drift(version, desired, read.weights)
-            await self._apply(desired, read.weights)
+            await self._apply(desired, read.weights, read.not_running)
             self._confirm(version, desired, applied=True)
             return "ok"
         except ConfigMismatch as exc:
@@ -358,10 +375,12 @@ class WeightKeeper:
         self._seen_worker(pid)
         weights = weights_of(states)
         self._observe(weights)
-        return _ReadBack(weights, pid)
+        return _ReadBack(weights, pid, frozenset(name for name, st in states.items() if not st.up))
 
-    async def _apply(self, desired: Weights, current: Weights) -> None:
-        cmds = apply_commands(self.backend, desired, current)
+    async def _apply(
+        self, desired: Weights, current: Weights, not_running: frozenset[str] = frozenset()
+    ) -> None:
+        cmds = apply_commands(self.backend, desired, current, not_running)
         try:
             answers = await self.runtime.commands([*cmds, f"show servers state {self.backend}"])
             check_answers(cmds, answers[:-1])

@@ -376,3 +376,20 @@ async def test_kick_reads_back_at_once() -> None:
     finally:
         await keeper.stop()
     assert not await keeper.kick(0.05)  # stopped: nobody reads back
+
+
+def test_a_raised_server_that_haproxy_has_down_is_forced_up_first() -> None:
+    from sidecar.haproxy.weights import apply_commands
+
+    cmds = apply_commands("dynamodb", {"us-east-1": 0, "eu-west-1": 100}, {"us-east-1": 100, "eu-west-1": 0},
+                          not_running={"eu-west-1", "us-east-1"})  # fmt: skip
+    assert cmds == [
+        "set server dynamodb/eu-west-1 health up",
+        "set server dynamodb/eu-west-1 weight 100",
+        "set server dynamodb/us-east-1 weight 0",
+    ]
+    # only servers that get traffic are forced; running ones are left to their checks
+    assert apply_commands("b", {"a": 100, "c": 0}, {"a": 0, "c": 100}) == [
+        "set server b/a weight 100",
+        "set server b/c weight 0",
+    ]
