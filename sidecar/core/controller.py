@@ -609,7 +609,7 @@ def _failback(policy: Policy, snap: Snapshot, step: _Step, home: RegionView) -> 
         if home.healthy:
             step.reason += (
                 f"; home {home.name} is up again, failback is manual: "
-                f"`ddb-sidecar switchover --to {home.name}` moves back"
+                f"`ddb-sidecar failover --to {home.name}` moves back"
             )
         else:
             step.reason += f"; home {home.describe()}"
@@ -625,7 +625,7 @@ def _failback(policy: Policy, snap: Snapshot, step: _Step, home: RegionView) -> 
         step.reason += (
             f"; not failing back to {home.name} automatically: replication lag to it is unmeasured "
             f"(needs to be below max_lag {policy.max_lag * 1000:g} ms); "
-            f"`ddb-sidecar switchover --to {home.name}` moves back safely"
+            f"`ddb-sidecar failover --to {home.name}` moves back"
         )
         return
     if home.lag_ms > policy.max_lag * 1000:

@@ -324,3 +324,71 @@ def test_template_edits_reload_haproxy_once_and_a_broken_template_changes_nothin
         assert s.process.returncode is None
     finally:
         s.stop()
+
+
+class Hook:
+    """A webhook receiver on loopback, in a thread: records every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/ddb?token=s3cr3t"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Hook:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_moves_and_alerts_reach_the_webhook_and_the_url_stays_secret(
+    moto_regions: dict[str, MotoRegion], table: str, home_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    home_proxy.set_mode("pass")
+    with Hook() as hook:
+        s = SidecarStack(
+            [moto_regions[HOME], moto_regions[OTHER]],
+            [table],
+            tmp_path,
+            endpoints={HOME: home_proxy.url},
+            extra={"notify": {"webhook": hook.url}},
+        )
+        s.start()
+        try:
+            s.wait_regions_up()
+            home_proxy.set_mode("refuse")
+            wait_until(
+                lambda: [e for e in hook.received if e["kind"] == "failover"], 15, message="failover POSTed"
+            )
+            move = next(e for e in hook.received if e["kind"] == "failover")
+            assert (move["from"], move["to"], move["active_region"], move["source"]) == (
+                HOME,
+                OTHER,
+                OTHER,
+                "ddb-sidecar",
+            )
+            assert "us-east-1 down" in move["reason"] and move["at"]
+            assert cli(s, "pause").returncode == 0
+            wait_until(lambda: [e for e in hook.received if e["kind"] == "pause"], 10, message="pause POSTed")
+        finally:
+            home_proxy.set_mode("pass")
+            s.stop(remove_workdir=False)
+        assert "s3cr3t" not in s.log_text()
+        assert "s3cr3t" not in (s.workdir / "run" / "haproxy.cfg").read_text()

@@ -351,7 +351,7 @@ def test_manual_failback_never_goes_home_automatically() -> None:
         assert d.commands == ()
         assert d.state.active == B
     assert f"home {A} is up again, failback is manual" in d.reason
-    assert f"ddb-sidecar switchover --to {A}" in d.reason
+    assert f"ddb-sidecar failover --to {A}" in d.reason
 
 
 def test_manual_failback_says_how_home_is() -> None:
