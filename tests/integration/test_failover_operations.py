@@ -392,3 +392,16 @@ def test_moves_and_alerts_reach_the_webhook_and_the_url_stays_secret(
             s.stop(remove_workdir=False)
         assert "s3cr3t" not in s.log_text()
         assert "s3cr3t" not in (s.workdir / "run" / "haproxy.cfg").read_text()
+
+
+def test_an_edit_of_sidecar_yaml_is_applied_and_a_broken_one_refused(stack: SidecarStack) -> None:
+    def kinds() -> list[str]:
+        return [e["kind"] for e in stack.status()["events"]]
+
+    stack.write_config(failover={"hold_down": "5m"})
+    wait_until(lambda: "reload" in kinds(), 15, message="the edited config reloaded")
+    stack.config_path.write_text(stack.config_path.read_text() + "\nno_such_key: 1\n")
+    wait_until(lambda: "reload-refused" in kinds(), 15, message="the broken config refused")
+    refused = next(e for e in stack.status()["events"] if e["kind"] == "reload-refused")
+    assert "no_such_key" in refused["reason"] and "keeping the running config" in refused["reason"]
+    assert stack.process.returncode is None
