@@ -3,9 +3,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEMO_ARGS ?= --duration 30
+DEMO_ARGS ?= --scenario outage --duration 25
 
-.PHONY: demo test unit integration bench lint fmt clean
+.PHONY: demo test unit integration bench bench-failover lint fmt clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11" >&2; exit 2; }
@@ -29,6 +29,9 @@ integration: $(STAMP)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { command -v apt-get >/dev/null && (apt-get install -y -qq wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null)) || echo "wrk not installed: the benchmark falls back to its Python load generator"; }
 	$(BIN)/python -m bench.proxy_bench
+
+bench-failover: $(STAMP)
+	$(BIN)/python -m bench.failover_bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench

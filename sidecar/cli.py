@@ -195,9 +195,18 @@ def status(config_path: Path, as_json: bool) -> None:
             click.echo(
                 f"{'':<16}last upstream error at {r.get('last_upstream_error_at')}: {r['last_upstream_error']}"
             )
+    failover = doc.get("failover") or {}
+    if failover.get("reason"):
+        click.echo(f"decision: {failover['reason']}")
+    if failover.get("hold_until"):
+        click.echo(f"automatic moves held down until {failover['hold_until']}")
+    if failover.get("alerts"):
+        click.echo(f"alerts: {', '.join(failover['alerts'])}")
     hp = doc.get("haproxy", {})
     if hp.get("weights_error"):
         click.echo(f"haproxy: {hp['weights_error']}")
+    elif hp.get("weights_confirmed") is False:
+        click.echo("haproxy: weights not confirmed yet (the sidecar keeps re-asserting them)")
     lag = doc.get("replication", {}).get("lag_ms")
     click.echo(
         f"replication: {doc.get('replication', {}).get('mode')}, lag {'unknown' if lag is None else f'{lag} ms'}"
@@ -280,9 +289,17 @@ def resume(config_path: Path) -> None:
 @click.option(
     "--base-port", type=int, default=18000, show_default=True, help="First of the demo's loopback ports."
 )
-def demo(duration: float | None, workdir: Path | None, base_port: int) -> None:
-    """Two local DynamoDB regions, HAProxy, the sidecar and a client, all on loopback."""
+@click.option(
+    "--scenario",
+    type=click.Choice(["outage", "replica"]),
+    default="outage",
+    show_default=True,
+    help="outage: the home region goes dark and traffic moves to the other region; "
+    "replica: the other region freezes and recovers, unnoticed by the app.",
+)
+def demo(duration: float | None, workdir: Path | None, base_port: int, scenario: str) -> None:
+    """Two local DynamoDB regions, HAProxy, the sidecar and a client, all on loopback, with a scripted outage."""
     from sidecar.demo import run_demo
 
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(run_demo(duration=duration, workdir=workdir, base_port=base_port))
+        sys.exit(run_demo(duration=duration, workdir=workdir, base_port=base_port, scenario=scenario))

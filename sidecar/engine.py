@@ -24,7 +24,7 @@ from typing import Any
 from sidecar.config import Address, Config, ConfigError, UnixAddress, load_config
 from sidecar.core.controller import Decision, Intent, desired_weights
 from sidecar.core.gate import GatePolicy
-from sidecar.core.health import HealthState
+from sidecar.core.health import Cause, HealthState
 from sidecar.failover import STATE_FILE, Failover, load_state
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.process import HAProxyProcess
@@ -117,7 +117,7 @@ class Daemon:
         )
         self.watcher: FileWatcher | None = None
         self._render_lock = asyncio.Lock()
-        self._weights_were_confirmed = False
+        self._confirmed_weights: dict[str, int] | None = None
         self.stopped = asyncio.Event()
 
     @property
@@ -372,9 +372,16 @@ class Daemon:
         self.failover.poke()
 
     def _weights_observed(self, observed: dict[str, int] | None) -> None:
-        was = self._weights_were_confirmed
-        self._weights_were_confirmed = observed is not None and observed == self.keeper.desired
-        self.failover.weights_observed(observed, confirmed_before=was)
+        """A read-back of HAProxy's weights. It is a drift only when HAProxy had confirmed the current desired
+        weights and no longer has them (a reload, a restart, another writer), not while a flip is under way."""
+        desired = self.keeper.desired
+        if observed is None or desired is None:
+            return
+        if all(observed.get(n) == w for n, w in desired.items()):
+            self._confirmed_weights = desired
+        elif self._confirmed_weights == desired:
+            self._confirmed_weights = None
+            self.failover.weights_observed(observed, confirmed_before=True)
 
     def _moved(self, from_region: str, to_region: str, reason: str) -> None:
         """Traffic moved (the keeper is already flipping HAProxy): answer the requests stuck in a region
@@ -382,8 +389,11 @@ class Daemon:
         monitor = self.monitors.get(from_region)
         runtime = self.regions.get(from_region)
         if monitor is not None and runtime is not None and monitor.state.state == "down":
+            # Down for timeouts (a blackhole): nothing in flight will be answered, free the app's threads
+            # now. Down for other reasons: only what has waited longer than a probe's timeout.
+            older_than = 0.0 if monitor.state.kind is Cause.TIMEOUT else self.config.health.timeout
             aborted = runtime.pool.abort_stalled(
-                self.config.health.timeout, f"{from_region} is down, traffic moved to {to_region}"
+                older_than, f"{from_region} is down, traffic moved to {to_region}"
             )
             if aborted:
                 logger.warning("answered %d requests stuck in %s (down) with errors", aborted, from_region)

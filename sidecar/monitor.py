@@ -103,6 +103,7 @@ class RegionMonitor:
         self._wake = asyncio.Event()
         self._count = 0
         self._stall_reported_at = 0.0
+        self._last_failure_at = 0.0  # wall time of the latest outage observation
         runtime.watch = self.traffic
 
     # -- observations
@@ -110,6 +111,8 @@ class RegionMonitor:
         cfg = self._config().health
         now = time.time()
         self.outcomes[(source, outcome.cause.value)] += 1
+        if outcome.is_outage:
+            self._last_failure_at = now
         if write and not cfg.write_every:
             write = False  # no write probes to clear a write failure run: one run for everything
         if write:
@@ -145,6 +148,10 @@ class RegionMonitor:
                 assert status is not None and body is not None
                 code = error_code(status, body) if status >= 500 else None
                 outcome = classify_response(status, code, latency, self._config().health.slow)
+            if not outcome.is_outage and time.time() - latency < self._last_failure_at:
+                # Sent before the latest failure was seen: a late answer to an old request says nothing
+                # about the region now (requests already at the region when a fault began still answer).
+                return
             self.observe(outcome, "traffic", write=write)
         except Exception:  # the data path must never fail because of health bookkeeping
             logger.exception("region %s: recording a traffic outcome failed", self.name)

@@ -174,7 +174,8 @@ def observe(
         failures=0,
         successes=successes,
         latency=outcome.latency,
-        kind=outcome.cause,
+        # recovering: still down for the reason it went down (a good answer does not make it "not an outage")
+        kind=prev.kind if state == "down" else outcome.cause,
         failing_since=None,
         last_ok_at=now if now is not None else prev.last_ok_at,
     )

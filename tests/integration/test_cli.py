@@ -233,10 +233,11 @@ def test_status_without_daemon(workdir: Path) -> None:
 DEMO_OFFSETS = (0, 4, 5, 101, 102, 201, 202)
 
 
-def test_demo_runs_the_outage_scenario() -> None:
+def run_demo(*args: str, timeout: float = 90.0) -> str:
+    """Run `ddb-sidecar demo ARGS` on a free block of ports; return its output once it exited 0."""
     base = free_port_block(DEMO_OFFSETS, low=20000, high=31000)
     proc = subprocess.Popen(
-        [str(SIDECAR), "demo", "--duration", "6", "--base-port", str(base)],
+        [str(SIDECAR), "demo", *args, "--base-port", str(base)],
         env={**base_env(), "PYTHONUNBUFFERED": "1"},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -244,7 +245,7 @@ def test_demo_runs_the_outage_scenario() -> None:
         text=True,
     )
     try:
-        out, err = proc.communicate(timeout=90)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         # SIGINT: the demo stops its regions, the sidecar and HAProxy on the way out.
         proc.send_signal(signal.SIGINT)
@@ -253,8 +254,39 @@ def test_demo_runs_the_outage_scenario() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-        pytest.fail(f"the demo did not finish within 90s:\n{out}\n{err}")
+        pytest.fail(f"the demo did not finish within {timeout:g}s:\n{out}\n{err}")
     assert proc.returncode == 0, out + err
+    return out
+
+
+def test_demo_runs_the_outage_scenario() -> None:
+    out = run_demo("--duration", "8")  # the default scenario
+    assert "demo: scenario outage" in out, out
+    cut = out.index(">>> outage: the home region us-east-1 goes dark")
+    moved = re.search(r"event \S+ failover: us-east-1 down: .*moved to eu-west-1", out)
+    assert moved and cut < moved.start(), out
+    # What the client saw: bounded generously here (a shared machine); `make bench-failover` measures it.
+    gap = re.search(
+        r"time without service: (\d+\.\d+) s \(from the cut to the first write acknowledged by eu-west-1\)",
+        out,
+    )
+    assert gap and float(gap[1]) < 6.0, out
+    failed = re.search(r"failed requests: (\d+)", out)
+    assert failed, out
+    served = re.search(r"served after the move by: eu-west-1 \((\d+) writes acknowledged", out)
+    assert served and int(served[1]) > 0, out
+    assert re.search(r"failover event: \S+ us-east-1 -> eu-west-1: us-east-1 down: ", out), out
+    # The data, read from each region directly (writes in flight at the cut are not asserted on).
+    before = re.search(r"acknowledged before the cut: (\d+); in us-east-1: (\d+)", out)
+    assert before and int(before[1]) > 0 and before[1] == before[2], out
+    after = re.search(r"acknowledged after the move: (\d+); in eu-west-1: (\d+); in us-east-1: (\d+)", out)
+    assert after and after[1] == served[1] == after[2] and after[3] == "0", out
+    assert "demo: every write acknowledged after the move is in eu-west-1" in out, out
+    assert "ddb-sidecar failover --to us-east-1" in out, out  # failback is manual: the operator's next step
+
+
+def test_demo_runs_the_replica_scenario() -> None:
+    out = run_demo("--scenario", "replica", "--duration", "6")
     assert "demo: every write is in the home region and only there" in out, out
     assert "client error" not in out, out  # the replica's outage does not reach the app
     down = re.search(r"event \S+ region-down: eu-west-1 down: \d+ consecutive timeout", out)
@@ -267,3 +299,10 @@ def test_demo_runs_the_outage_scenario() -> None:
     written = re.search(r"acknowledged writes: (\d+); in us-east-1: (\d+); in eu-west-1: (\d+)", out)
     assert written, out
     assert int(written[1]) > 0 and written[1] == written[2] and written[3] == "0", out
+    assert not re.search(r"event \S+ failover:", out), out  # the home region served throughout
+
+
+def test_demo_refuses_an_unknown_scenario() -> None:
+    result = cli("demo", "--scenario", "earthquake", timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "earthquake" in result.stderr

@@ -92,3 +92,17 @@ def test_a_throttle_is_a_good_answer_for_the_failure_run() -> None:
     s = observe(s, classify_response(400, "ThrottlingException", 0.01, 2.0), fall=3, rise=2, now=2.0)
     assert (s.state, s.failures, s.failing_since, s.kind) == ("up", 0, None, Cause.THROTTLED)
     assert s.last_ok_at == 2.0
+
+
+def test_a_recovering_region_stays_down_for_the_reason_it_went_down() -> None:
+    """A late good answer (a request that reached the region before the fault) must not turn an outage into
+    'not an outage': the controller would then refuse to move."""
+    bad = classify_response(500, "InternalServerError", 0.01, 2.0)
+    s = HealthState(state="up")
+    for t in (1.0, 2.0, 3.0):
+        s = observe(s, bad, fall=3, rise=3, now=t)
+    s = observe(s, classify_response(200, None, 0.01, 2.0), fall=3, rise=3, now=4.0)
+    assert s.state == "down" and s.kind is Cause.SERVER_ERROR
+    from sidecar.core.controller import RegionView
+
+    assert RegionView.from_health("us-east-1", s).outage
