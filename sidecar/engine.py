@@ -363,6 +363,12 @@ class Daemon:
     # -- failover wiring
     def _health_changed(self, monitor: RegionMonitor, before: HealthState) -> None:
         after = monitor.state
+        if after.suspect and not before.suspect and monitor.name == self.failover.active_or_none:
+            # The active region just failed once: ask the others now, so that if it goes down, the
+            # controller already has their fresh answers and moves without waiting for a probe.
+            for other in self.monitors.values():
+                if other is not monitor:
+                    other.probe_now()
         if before.state != after.state:
             self.event(
                 "region-" + after.state,

@@ -147,6 +147,10 @@ class Failover:
         return self.state.active
 
     @property
+    def active_or_none(self) -> str | None:
+        return self.state.active if self.state is not None else None
+
+    @property
     def desired(self) -> dict[str, int]:
         return desired_weights(self.names, self.active)
 

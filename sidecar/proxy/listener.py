@@ -65,14 +65,13 @@ class DataPathPolicy:
 
 
 class RegionHealth:
-    """The region's usability as the health check reports it; written by the prober."""
+    """The region's usability as the health check reports it; written by the region's monitor."""
 
-    __slots__ = ("cause", "checked_at", "latency_ms", "state")
+    __slots__ = ("cause", "checked_at", "state")
 
     def __init__(self) -> None:
         self.state = "unknown"
         self.cause: str | None = None
-        self.latency_ms: float | None = None
         self.checked_at: float | None = None
 
     @property
