@@ -41,7 +41,10 @@ from sidecar.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
 
-SWEEP_EVERY = 0.05  # stall detection (blackholes under traffic) and slow-connection expiry
+SWEEP_EVERY = 0.02  # stall detection (blackholes under traffic) and slow-connection expiry
+# A sweep that runs this late saw the event loop stalled (our own pause, not the region's): skip it, the
+# answers may be sitting unread in socket buffers.
+SWEEP_LATE = 0.1
 
 
 def active_weights(config: Config) -> dict[str, int]:
@@ -157,7 +160,7 @@ class Daemon:
                 name=f"{region.name}-probe",
             )
             self.monitors[region.name] = RegionMonitor(
-                runtime, probe_pool, lambda: self.config, self._health_changed
+                runtime, probe_pool, lambda: self.config, self._health_changed, self._region_quiet
             )
         try:
             for region in cfg.regions:
@@ -361,14 +364,19 @@ class Daemon:
         return needs_restart
 
     # -- failover wiring
+    def _region_quiet(self, monitor: RegionMonitor) -> None:
+        """The active region failed once, or has left requests unanswered for a while: ask the others now,
+        so that if it goes down the controller already has their fresh answers and moves at once."""
+        if monitor.name != self.failover.active_or_none:
+            return
+        for other in self.monitors.values():
+            if other is not monitor:
+                other.probe_now()
+
     def _health_changed(self, monitor: RegionMonitor, before: HealthState) -> None:
         after = monitor.state
-        if after.suspect and not before.suspect and monitor.name == self.failover.active_or_none:
-            # The active region just failed once: ask the others now, so that if it goes down, the
-            # controller already has their fresh answers and moves without waiting for a probe.
-            for other in self.monitors.values():
-                if other is not monitor:
-                    other.probe_now()
+        if after.suspect and not before.suspect:
+            self._region_quiet(monitor)
         if before.state != after.state:
             self.event(
                 "region-" + after.state,
@@ -426,11 +434,15 @@ class Daemon:
         """Every SWEEP_EVERY: stalled regions (a blackhole under traffic); every second: listener
         connections that idle past HAProxy's keep-alive or trickle a request in."""
         next_expiry = time.monotonic() + 1.0
+        last = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_EVERY)
             now = time.monotonic()
-            for monitor in self.monitors.values():
-                monitor.sweep(now)
+            late = now - last - SWEEP_EVERY
+            last = now
+            if late < SWEEP_LATE:
+                for monitor in self.monitors.values():
+                    monitor.sweep(now)
             if now >= next_expiry:
                 next_expiry = now + 1.0
                 hp = self.config.haproxy

@@ -87,12 +87,18 @@ class RegionMonitor:
         pool: UpstreamPool,
         config: Callable[[], Config],
         on_change: Callable[[RegionMonitor, HealthState], None],
+        on_quiet: Callable[[RegionMonitor], None] | None = None,
     ) -> None:
         self.name = runtime.name
         self.runtime = runtime
         self.pool = pool
         self._config = config
         self._on_change = on_change
+        self._on_quiet = on_quiet
+        self._quiet_noted_at = 0.0
+        self.answer_rate = 0.0  # answers per second from app traffic, a ~1 s moving average
+        self._answers_seen = 0
+        self._answers_at = 0.0
         self.reads = HealthState()
         self.writes = HealthState()
         self.state = HealthState()
@@ -157,18 +163,44 @@ class RegionMonitor:
             logger.exception("region %s: recording a traffic outcome failed", self.name)
 
     def sweep(self, now: float) -> None:
-        """A blackhole under traffic: requests have waited past `health.timeout` and the region answered
-        nothing in that time. Counts as one timeout per waiting request (at most `fall`), once per timeout."""
+        """A blackhole under traffic: requests are waiting and the region has answered nothing for a while.
+
+        Stalled after `health.timeout` of silence; sooner (from half of it) when the region's recent
+        answer rate says at least `5 x fall` answers should have come in that time: with 200 requests a
+        second, 400 ms of total silence is not a slow request, it is an outage. Counts as one timeout per
+        waiting request (at most `fall`), once per stall. Half-way to the timeout the region is looked at
+        closer: a probe now and the others probed (`on_quiet`), so the move, if it comes, waits for nothing.
+        """
         rt = self.runtime
+        dt = now - self._answers_at
+        if rt.answers != self._answers_seen or rt.stats.in_flight <= 0:
+            # The rate moves with answers, and decays while the app is idle; it holds still only while
+            # requests wait unanswered (that silence is what it is there to judge).
+            if self._answers_at and dt > 0:
+                rate = (rt.answers - self._answers_seen) / dt
+                self.answer_rate += (rate - self.answer_rate) * min(1.0, dt)  # ~1 s moving average
+            self._answers_seen, self._answers_at = rt.answers, now
         if rt.stats.in_flight <= 0:
             return
         cfg = self._config().health
         quiet_since = max(rt.last_answer, rt.busy_since)
-        if now - quiet_since <= cfg.timeout or now - self._stall_reported_at <= cfg.timeout:
+        quiet = now - quiet_since
+        if quiet <= cfg.timeout / 2:
+            return
+        if self._quiet_noted_at < quiet_since:
+            self._quiet_noted_at = now
+            self.probe_now()
+            if self._on_quiet is not None:
+                self._on_quiet(self)
+        waiting = rt.stats.in_flight
+        expected = self.answer_rate * quiet
+        stalled = quiet > cfg.timeout or (expected >= 5 * cfg.fall and waiting >= cfg.fall)
+        if not stalled or self._stall_reported_at >= quiet_since:
             return
         self._stall_reported_at = now
-        waiting = rt.stats.in_flight
-        detail = f"{waiting} app request(s) waiting, no answer from {self.name} for {(now - quiet_since) * 1000:.0f} ms"
+        detail = f"{waiting} app request(s) waiting, no answer from {self.name} for {quiet * 1000:.0f} ms" + (
+            f" (~{expected:.0f} expected at its recent rate)" if quiet <= cfg.timeout else ""
+        )
         for _ in range(min(waiting, cfg.fall)):
             self.observe(ProbeOutcome(Cause.TIMEOUT, detail), "traffic")
 

@@ -112,6 +112,7 @@ class RegionRuntime:
         self.slow_after = 2.0
         self.last_answer = 0.0
         self.busy_since = 0.0
+        self.answers = 0
 
 
 class _Request:
@@ -349,6 +350,7 @@ class RegionListener(asyncio.Protocol):
             now = time.monotonic()
             if response is not None:
                 region.last_answer = now
+                region.answers += 1
                 latency = now - started
                 region.stats.upstream_latency.observe(latency)
                 region.stats.requests[(decision.operation.name, response.status)] += 1
