@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -304,6 +305,7 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.direct = {name: region.client() for name, region in self.regions.items()}
+        self.rng = random.Random()
 
     @property
     def url(self) -> str:
@@ -375,6 +377,10 @@ class Bench:
             if load == "idle":
                 probe = app_client(self.url, PROBE_TIMEOUT)
                 try:
+                    # Idle, only the probes see the outage: cut at a random phase of their 1 s schedule
+                    # (a fixed delay after start-up would always measure the same phase).
+                    result["phase_s"] = round(self.rng.uniform(0, 1.0), 3)
+                    time.sleep(result["phase_s"])
                     t0, t0_wall = now(), time.time()
                     self.cut(fault)
                     result["cut_call_ms"] = round((now() - t0) * 1000, 1)
@@ -430,7 +436,7 @@ class Bench:
         gen = self.load
         started = gen.begin(prefix)
         try:
-            time.sleep(self.warmup)
+            time.sleep(self.warmup + self.rng.uniform(0, 1.0))  # a random phase of the probe schedule
             t0, t0_wall = now(), time.time()
             self.cut(fault)
             result["cut_call_ms"] = round((now() - t0) * 1000, 1)
