@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,9 +167,11 @@ def make_config(folder: Path, ports: dict[str, int]) -> Config:
     )
 
 
-@pytest.fixture(params=BINARIES)
-async def stack(request: pytest.FixtureRequest, short_dir: Path) -> AsyncIterator[Stack]:
-    binary: str = request.param
+@contextlib.asynccontextmanager
+async def open_stack(
+    binary: str, short_dir: Path, runtime: Callable[[Path], RuntimeClient] = RuntimeClient
+) -> AsyncIterator[Stack]:
+    """HAProxy from `binary` in front of two FakeRegions, both up; everything stopped on exit."""
     ports = {name: free_port() for name in ("listen", "stats", HOME, OTHER)}
     config = make_config(short_dir, ports)
     render_to_file(config, binary=binary)
@@ -194,12 +196,18 @@ async def stack(request: pytest.FixtureRequest, short_dir: Path) -> AsyncIterato
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         )
         stack = Stack(
-            config, haproxy, RuntimeClient(config.haproxy.runtime_socket), regions, http,
+            config, haproxy, runtime(config.haproxy.runtime_socket), regions, http,
             f"http://127.0.0.1:{ports['listen']}/",
         )  # fmt: skip
         await stack.wait_up(HOME)
         await stack.wait_up(OTHER)
         yield stack
+
+
+@pytest.fixture(params=BINARIES)
+async def stack(request: pytest.FixtureRequest, short_dir: Path) -> AsyncIterator[Stack]:
+    async with open_stack(request.param, short_dir) as s:
+        yield s
 
 
 def _live(pid: int) -> bool:

@@ -20,20 +20,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.haproxy.process import HAProxyProcess
-from sidecar.haproxy.render import render_to_file
 from sidecar.haproxy.runtime import MasterClient, RuntimeClient, parse_servers_state
 from sidecar.haproxy.weights import WeightKeeper
 from tests.integration.test_haproxy_adapter import (
     BINARIES,
     HOME,
     OTHER,
-    FakeRegion,
     Stack,
-    make_config,
-    stale_socket,
+    open_stack,
 )
-from tests.support.ports import free_port
 from tests.support.wait import async_wait_until
 
 BACKEND = "dynamodb"
@@ -68,37 +63,8 @@ def short_dir() -> Iterator[Path]:
 
 @pytest.fixture(params=BINARIES)
 async def stack(request: pytest.FixtureRequest, short_dir: Path) -> AsyncIterator[Stack]:
-    binary: str = request.param
-    ports = {name: free_port() for name in ("listen", "stats", HOME, OTHER)}
-    config = make_config(short_dir, ports)
-    render_to_file(config, binary=binary)
-    stale_socket(config.haproxy.master_socket)
-    stale_socket(config.haproxy.runtime_socket)
-    regions = {name: FakeRegion(name, ports[name]) for name in (HOME, OTHER)}
-    haproxy = HAProxyProcess(
-        binary,
-        config.haproxy.config,
-        config.haproxy.master_socket,
-        runtime_socket=config.haproxy.runtime_socket,
-        log_path=short_dir / "haproxy.log",
-        backoff_min=0.2,
-    )
-    async with contextlib.AsyncExitStack() as cleanup:
-        for region in regions.values():
-            cleanup.push_async_callback(region.stop)
-            await region.start()
-        cleanup.push_async_callback(haproxy.stop, 5.0, 5.0)
-        await haproxy.start()
-        http = await cleanup.enter_async_context(
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        )
-        stack = Stack(
-            config, haproxy, RecordingRuntime(config.haproxy.runtime_socket), regions, http,
-            f"http://127.0.0.1:{ports['listen']}/",
-        )  # fmt: skip
-        await stack.wait_up(HOME)
-        await stack.wait_up(OTHER)
-        yield stack
+    async with open_stack(request.param, short_dir, RecordingRuntime) as s:
+        yield s
 
 
 @contextlib.asynccontextmanager
