@@ -101,6 +101,13 @@ def where(moto_regions: dict[str, MotoRegion], table: str, key: str) -> set[str]
     return found
 
 
+def a_write_lands_in(stack: SidecarStack, moto_regions: dict[str, MotoRegion], table: str) -> set[str]:
+    """Write a new item through the stable address; the regions whose own data then holds it."""
+    key = f"after-{uuid.uuid4().hex[:8]}"
+    put(app_client(stack), table, key)
+    return where(moto_regions, table, key)
+
+
 def active(stack: SidecarStack) -> str:
     return str(stack.status()["active_region"])
 
@@ -175,9 +182,7 @@ def test_an_outage_of_the_idle_home_region_moves_traffic(
     proxies[HOME].set_mode(mode, **params)
     took = wait_moved(stack, OTHER, IDLE_BOUND)
     print(f"\nidle, {mode}: moved in {took:.2f} s")
-    key = f"after-{uuid.uuid4().hex[:8]}"
-    put(app_client(stack), table, key)
-    assert where(moto_regions, table, key) == {OTHER}
+    assert a_write_lands_in(stack, moto_regions, table) == {OTHER}
     status = stack.status()
     moves = [e for e in status["events"] if e["kind"] == "failover"]
     assert len(moves) == 1 and moves[0]["from"] == HOME and moves[0]["to"] == OTHER
@@ -225,9 +230,7 @@ def test_a_slow_region_beyond_the_threshold_moves_traffic(
     print(f"\n{load}, slow: moved in {took:.2f} s")
     reason = next(e for e in stack.status()["events"] if e["kind"] == "failover")["reason"]
     assert "slow" in reason
-    key = f"after-{uuid.uuid4().hex[:8]}"
-    put(app_client(stack), table, key)
-    assert where(moto_regions, table, key) == {OTHER}
+    assert a_write_lands_in(stack, moto_regions, table) == {OTHER}
 
 
 def test_throttling_and_auth_failures_for_a_minute_never_move(
@@ -341,6 +344,4 @@ def test_both_regions_down_no_move_503s_then_recovery(
     proxies[OTHER].set_mode("pass")
     took = wait_moved(stack, OTHER, 15)
     print(f"\nboth down ({mode}), then eu-west-1 back: moved {took:.2f} s after it returned")
-    key = f"after-{uuid.uuid4().hex[:8]}"
-    put(app_client(stack), table, key)
-    assert where(moto_regions, table, key) == {OTHER}
+    assert a_write_lands_in(stack, moto_regions, table) == {OTHER}
