@@ -7,6 +7,7 @@ listens on loopback only).
 
 from __future__ import annotations
 
+import json
 import logging
 
 from aiohttp import web
@@ -31,6 +32,10 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=render_metrics(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _error_json(message: str) -> str:
+    return json.dumps({"error": message})
+
+
 async def _read_intent(request: web.Request) -> dict[str, object]:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(
@@ -49,6 +54,7 @@ async def _read_intent(request: web.Request) -> dict[str, object]:
 
 async def _run_intent(request: web.Request, intent: Intent) -> web.Response:
     daemon = request.app[DAEMON]
+    lag = daemon.heartbeats.lag_ms(intent.to) if isinstance(intent, FailoverIntent) else None
     decision, confirmed = await daemon.intent(intent)
     state = decision.state
     doc = {
@@ -61,7 +67,8 @@ async def _run_intent(request: web.Request, intent: Intent) -> web.Response:
         "weights_error": None if confirmed else daemon.keeper.last_error,
     }
     if isinstance(intent, FailoverIntent) and not decision.refused:
-        doc["unreplicated"] = daemon.unreplicated_note(intent.to)
+        doc["lag_ms"] = lag
+        doc["unreplicated"] = daemon.unreplicated_note(intent.to, lag)
     return web.json_response(doc, status=409 if decision.refused else 200)
 
 
@@ -70,9 +77,23 @@ async def _failover(request: web.Request) -> web.Response:
     to = body.get("to")
     if not isinstance(to, str) or not to:
         raise web.HTTPBadRequest(
-            text='{"error": "expected {"to": "REGION"}"}', content_type="application/json"
+            text=_error_json('expected {"to": "REGION"}'), content_type="application/json"
         )
     return await _run_intent(request, FailoverIntent(to))
+
+
+async def _switchover(request: web.Request) -> web.Response:
+    body = await _read_intent(request)
+    to = body.get("to")
+    if not isinstance(to, str) or not to:
+        raise web.HTTPBadRequest(
+            text=_error_json('expected {"to": "REGION"}'), content_type="application/json"
+        )
+    daemon = request.app[DAEMON]
+    result = await daemon.switchover(to)
+    doc = result.to_json()
+    doc["mode"] = daemon.failover.mode
+    return web.json_response(doc, status=200 if result.ok else 409)
 
 
 async def _pause(request: web.Request) -> web.Response:
@@ -97,6 +118,7 @@ def admin_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/alive", _alive)
     app.router.add_post("/failover", _failover)
+    app.router.add_post("/switchover", _switchover)
     app.router.add_post("/pause", _pause)
     app.router.add_post("/resume", _resume)
     return app

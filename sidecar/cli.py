@@ -267,6 +267,28 @@ def failover(config_path: Path, to: str) -> None:
 
 @main.command()
 @config_option
+@click.option("--to", "to", required=True, help="The region to move traffic to.")
+def switchover(config_path: Path, to: str) -> None:
+    """Planned move with no loss: hold writes, wait for replication to reach REGION, flip, release."""
+    config = _load(config_path, check_environment=False)
+    timeout = config.failover.switchover_timeout + 20.0
+    status, doc = _admin_post(config, "/switchover", {"to": to}, timeout=timeout)
+    if status == 200 and doc.get("ok"):
+        click.echo(doc.get("reason", "done"))
+        if doc.get("pause_ms") is not None:
+            click.echo(
+                f"writes held {doc['pause_ms']:.0f} ms ({doc.get('held_writes', 0)} held, released to {to}); "
+                f"replication lag into {to} was "
+                + ("unmeasured" if doc.get("lag_ms") is None else f"{doc['lag_ms']:g} ms")
+            )
+        click.echo(f"active region: {doc.get('active_region')}    mode: {doc.get('mode')}")
+        return
+    click.echo(f"refused: {doc.get('reason') or doc.get('error') or status}", err=True)
+    sys.exit(EXIT_FAILED if status in (409, 200) else EXIT_CONFIG)
+
+
+@main.command()
+@config_option
 def pause(config_path: Path) -> None:
     """Stop automatic decisions (maintenance mode); `failover --to` still works."""
     config = _load(config_path, check_environment=False)
@@ -279,6 +301,101 @@ def resume(config_path: Path) -> None:
     """Restart automatic decisions; acts at once on the regions' current health."""
     config = _load(config_path, check_environment=False)
     _report_intent(*_admin_post(config, "/resume", {}))
+
+
+@main.command()
+@config_option
+@click.option(
+    "--from",
+    "source",
+    metavar="REGION",
+    help="The region taken as right (default: the daemon's active region, else the home region).",
+)
+@click.option(
+    "--to",
+    "targets",
+    metavar="REGION",
+    multiple=True,
+    help="The region compared and repaired (repeatable; default: every other region).",
+)
+@click.option("--table", "tables", metavar="TABLE", multiple=True, help="Repeatable; default: all `tables`.")
+@click.option(
+    "--segments",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    help="Parallel-scan segments (default: from DescribeTable, ~10,000 items / 16 MB per segment).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=1000.0,
+    show_default=True,
+    help="Items read per second per region (repairs count too); 0: unlimited.",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=4, show_default=True, help="Segments at once.")
+@click.option("--apply", is_flag=True, help="Repair the target towards the source with conditional writes.")
+@click.option(
+    "--backup",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --apply: append every target item overwritten or deleted to this file (JSON lines).",
+)
+@click.option(
+    "--max-keys", type=click.IntRange(min=0), default=1000, show_default=True, help="Keys listed per kind."
+)
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress line on stderr (default: when it is a terminal)."
+)
+def reconcile(
+    config_path: Path,
+    source: str | None,
+    targets: tuple[str, ...],
+    tables: tuple[str, ...],
+    segments: int | None,
+    rate: float,
+    workers: int,
+    apply: bool,
+    backup: Path | None,
+    max_keys: int,
+    as_json: bool,
+    progress: bool | None,
+) -> None:
+    """Compare tables between two regions item by item; `--apply` repairs towards the source region.
+
+    Exit 0 when the regions are equal (or every difference was repaired), 1 when differences remain, 2 on a
+    usage or config problem, 3 when a region cannot be reached.
+    """
+    from sidecar.reconcile import Progress, ReconcileError, render_text, run_reconcile
+
+    config = _load(config_path, check_environment=False)
+    if backup is not None and not apply:
+        click.echo("reconcile: --backup only makes sense with --apply", err=True)
+        sys.exit(EXIT_CONFIG)
+    show = progress if progress is not None else (not as_json and sys.stderr.isatty())
+    try:
+        doc = run_reconcile(
+            config,
+            source=source,
+            targets=targets,
+            tables=tables,
+            progress=Progress(sys.stderr, enabled=show),
+            apply=apply,
+            rate=rate,
+            segments=segments,
+            workers=workers,
+            max_keys=max_keys,
+            backup=backup,
+        )
+    except ReconcileError as exc:
+        click.echo(f"reconcile: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for line in render_text(doc):
+            click.echo(line)
+    sys.exit(doc["exit_code"])
 
 
 @main.command()

@@ -192,6 +192,9 @@ class Health(_Model):
     # One probe in this many writes the region's canary item (PutItem), so a region that serves reads but
     # fails writes is seen; 0: read probes only.
     write_every: Annotated[int, Field(ge=0, le=1000)] = 5
+    # The active region's heartbeat item is written this often (and read 4 times as often in the others):
+    # replication lag is measured from it.
+    heartbeat_interval: Duration = 1.0
 
 
 class Failover(_Model):
@@ -199,6 +202,9 @@ class Failover(_Model):
     failback: Literal["manual", "automatic"] = "manual"
     hold_down: Duration = 60.0
     max_lag: Duration = 1.0
+    # A switchover holds writes at most this long while replication drains; past it the writes go to the
+    # old region and nothing moves.
+    switchover_timeout: Duration = 5.0
 
 
 class HAProxy(_Model):

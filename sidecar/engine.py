@@ -31,12 +31,15 @@ from sidecar.haproxy.process import HAProxyProcess
 from sidecar.haproxy.render import render_to_file, template_path
 from sidecar.haproxy.runtime import RuntimeClient, RuntimeUnavailable
 from sidecar.haproxy.weights import WeightKeeper
+from sidecar.heartbeat import Heartbeats
 from sidecar.monitor import MAX_OUTSTANDING, RegionMonitor
 from sidecar.notify import Notifier
 from sidecar.proxy.credentials import CredentialSource
+from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.listener import DataPathPolicy, RegionListener, RegionRuntime
 from sidecar.proxy.sigv4 import ClientVerifier, DynamoDBRequestSigner
 from sidecar.proxy.upstream import Endpoint, UpstreamPool
+from sidecar.switchover import SwitchoverResult, run_switchover
 from sidecar.watch import FileWatcher
 
 logger = logging.getLogger(__name__)
@@ -110,6 +113,7 @@ class Daemon:
             self.runtime, config.haproxy.backend, check_interval=1.0, on_observed=self._weights_observed
         )
         self.notifier = Notifier(config.notify)
+        self.heartbeats = Heartbeats(lambda: self.config, self.monitors, lambda: self.failover.active_or_none)
         self.failover = Failover(
             lambda: self.config,
             self.monitors,
@@ -117,7 +121,12 @@ class Daemon:
             record=self.event,
             notify=self.notifier.notify,
             on_move=self._moved,
+            lag_ms=self.heartbeats.lag_ms,
+            on_switchover=self._failback_due,
         )
+        self.fence = WriteFence()
+        self.switchover_lock = asyncio.Lock()
+        self._failback_retry_at = 0.0
         self.watcher: FileWatcher | None = None
         self._render_lock = asyncio.Lock()
         self._confirmed_weights: dict[str, int] | None = None
@@ -149,6 +158,7 @@ class Daemon:
             )
             runtime = RegionRuntime(region.name, signer, pool, self.credentials.current, self.policy)
             runtime.slow_after = cfg.health.slow
+            runtime.fence = self.fence
             self.regions[region.name] = runtime
             probe_pool = UpstreamPool(
                 endpoint,
@@ -172,8 +182,10 @@ class Daemon:
             # persisted decision, else home.
             observed = await self._read_weights_at_start()
             self.failover.start(observed)
+            self._route_writes_to(self.failover.active)
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
+            self._spawn(self.heartbeats.run(), "heartbeats")
             self._spawn(self._sweep(), "listener-sweeper")
             if cfg.haproxy.manage:
                 await self._start_haproxy()
@@ -411,7 +423,31 @@ class Daemon:
             )
             if aborted:
                 logger.warning("answered %d requests stuck in %s (down) with errors", aborted, from_region)
+        self._route_writes_to(to_region)
         self._spawn(self.rerender(reload=False, why=f"moved to {to_region}"), "render-after-move")
+
+    def _route_writes_to(self, active: str) -> None:
+        """Writes that reach a listener other than the active region's (in flight in HAProxy at a move)
+        go to the active region: once a region has taken over, no write lands in the old one."""
+        target = self.regions.get(active)
+        for name, runtime in self.regions.items():
+            runtime.forward_to = None if name == active else target
+
+    def _failback_due(self, to: str) -> None:
+        """The controller wants an automatic failback: run it as a switchover (at most one at a time; after
+        a refused one, wait a hold-down before trying again)."""
+        if self.switchover_lock.locked() or time.monotonic() < self._failback_retry_at:
+            return
+
+        async def failback() -> None:
+            result = await run_switchover(self, to, failback=True)
+            if not result.ok:
+                self._failback_retry_at = time.monotonic() + max(self.config.failover.hold_down, 1.0)
+
+        self._spawn(failback(), "failback")
+
+    async def switchover(self, to: str) -> SwitchoverResult:
+        return await run_switchover(self, to)
 
     async def intent(self, intent: Intent, *, confirm_within: float = 5.0) -> tuple[Decision, bool]:
         """An operator's command; returns the decision and whether HAProxy confirmed the weights."""
@@ -419,16 +455,19 @@ class Daemon:
         confirmed = await self.keeper.wait_confirmed(confirm_within)
         return decision, confirmed
 
-    def unreplicated_note(self, to: str) -> str:
-        """What an immediate failover to `to` may leave behind: writes not yet replicated into it."""
-        lag = None  # replication lag is measured by heartbeats (issue 4); unmeasured until then
+    def unreplicated_note(self, to: str, lag: float | None) -> str:
+        """What an immediate failover to `to` may leave behind: writes not yet replicated into it (`lag`:
+        the measured lag into `to` just before the move)."""
         if lag is None:
             return (
                 f"replication lag into {to} is not measured: writes acknowledged by the previous region "
                 f"shortly before the move may not be in {to} yet (global tables usually replicate within "
                 "a second; `ddb-sidecar reconcile` compares the tables)"
             )
-        return f"up to {lag} ms of writes may not have reached {to}"
+        return (
+            f"replication lag into {to} was {lag:g} ms at the move: writes acknowledged in the last "
+            f"{lag:g} ms before it may not be in {to} (`ddb-sidecar reconcile` finds and repairs them)"
+        )
 
     async def _sweep(self) -> None:
         """Every SWEEP_EVERY: stalled regions (a blackhole under traffic); every second: listener
@@ -499,6 +538,7 @@ class Daemon:
                     "weight": weights.get(name) if weights else None,
                     "desired_weight": self.weights.get(name),
                     "suspect": health.suspect,
+                    "lag_ms": self.heartbeats.lag_ms(name),
                     "last_ok_at": _iso(health.last_ok_at),
                     "endpoint": self.config.region(name).url,
                     "requests": runtime.stats.total(),
@@ -523,7 +563,17 @@ class Daemon:
                 "weights_confirmed": self.keeper.confirmed,
                 "weights_error": weights_error or self.keeper.last_error,
             },
-            "replication": {"mode": self.config.replication.mode, "lag_ms": None},
+            "replication": {
+                "mode": self.config.replication.mode,
+                "lag_ms": self.heartbeats.max_lag_ms(),
+                "heartbeats_written": self.heartbeats.written,
+                "heartbeat_error": self.heartbeats.last_error,
+            },
+            "fence": {
+                "closed": self.fence.closed,
+                "held": self.fence.held,
+                "held_total": self.fence.held_total,
+            },
             "events": [e.to_json() for e in reversed(self.events)],
             "uptime_s": round(time.time() - self.started_at, 1),
         }

@@ -115,6 +115,8 @@ class Failover:
         record: Callable[..., None],
         notify: Callable[[dict[str, Any]], None],
         on_move: Callable[[str, str, str], None] | None = None,
+        lag_ms: Callable[[str], float | None] | None = None,
+        on_switchover: Callable[[str], None] | None = None,
     ) -> None:
         self._config = config
         self.monitors = monitors
@@ -122,6 +124,8 @@ class Failover:
         self._record = record
         self._notify = notify
         self._on_move = on_move
+        self._lag_ms = lag_ms
+        self._on_switchover = on_switchover
         self.state: State | None = None
         self.last: Decision | None = None
         self.moves_total: dict[str, int] = {}
@@ -205,7 +209,11 @@ class Failover:
 
     def snapshot(self, weights: Mapping[str, int] | None = None) -> Snapshot:
         assert self.state is not None
-        views = tuple(RegionView.from_health(name, self.monitors[name].state) for name in self.names)
+        lag = self._lag_ms
+        views = tuple(
+            RegionView.from_health(name, self.monitors[name].state, lag_ms=lag(name) if lag else None)
+            for name in self.names
+        )
         return Snapshot(time.time(), views, self.state, weights)
 
     def _decide(self, intent: Intent | None) -> Decision:
@@ -219,6 +227,8 @@ class Failover:
         self._carry_out(decision, before)
         if decision.confirm:
             self._confirm(decision.state.active)
+        if decision.switchover is not None and self._on_switchover is not None:
+            self._on_switchover(decision.switchover)
         self._schedule(decision.wake_at)
         return decision
 

@@ -155,8 +155,19 @@ class DaemonCollector(Collector):
         notifier = daemon.notifier
         for outcome in ("sent", "failed", "dropped", "retries"):
             webhook.add_metric([outcome], getattr(notifier, outcome, 0))
+        lag = GaugeMetricFamily(
+            "ddb_sidecar_replication_lag_seconds",
+            "Replication lag from the active region into this one, from heartbeats",
+            labels=["region"],
+        )
+        for name in daemon.monitors:
+            value = daemon.heartbeats.lag_ms(name)
+            if value is not None:
+                lag.add_metric([name], value / 1000)
+        held = GaugeMetricFamily("ddb_sidecar_fence_held_writes", "Writes held by a switchover's fence now")
+        held.add_metric([], daemon.fence.held)
         yield from (observations, suspect, active, observed, moves, alerts, paused, confirmed, corrections,
-                    failed, webhook)  # fmt: skip
+                    failed, webhook, lag, held)  # fmt: skip
 
 
 def metrics_registry(daemon: Daemon) -> CollectorRegistry:

@@ -188,6 +188,15 @@ class FailoverIntent:
 
 
 @dataclass(frozen=True, slots=True)
+class Switchover:
+    """The flip of a planned move, once the shell has fenced writes and seen replication catch up
+    (`ddb-sidecar switchover --to REGION`, or an automatic failback: `failback`)."""
+
+    to: str
+    failback: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Pause:
     pass
 
@@ -197,7 +206,7 @@ class Resume:
     pass
 
 
-Intent: TypeAlias = FailoverIntent | Pause | Resume
+Intent: TypeAlias = FailoverIntent | Switchover | Pause | Resume
 
 
 # -- outputs -------------------------------------------------------------------------------------------
@@ -243,7 +252,9 @@ class Decision:
     """The new state, the commands to carry out in order, the one-line reason, and when to call again.
 
     `refused` is true when an operator intent was refused (the CLI exits 1). `confirm` is true when a move
-    waits for fresh answers from the other regions: the shell should probe them now.
+    waits for fresh answers from the other regions: the shell should probe them now. `switchover`: an
+    automatic failback is due; the shell runs it as a switchover (fence writes, drain replication) and
+    comes back with a `Switchover(to, failback=True)` intent for the flip.
     """
 
     state: State
@@ -252,6 +263,7 @@ class Decision:
     wake_at: float | None = None
     refused: bool = False
     confirm: bool = False
+    switchover: str | None = None
 
 
 # -- the hold-down -------------------------------------------------------------------------------------
@@ -352,6 +364,7 @@ class _Step:
     events: list[RecordEvent] = field(default_factory=list)
     blocked_by_hold: bool = False
     wants_confirmation: bool = False
+    switchover: str | None = None
 
 
 def decide(policy: Policy, snap: Snapshot, intent: Intent | None = None) -> Decision:
@@ -364,6 +377,8 @@ def decide(policy: Policy, snap: Snapshot, intent: Intent | None = None) -> Deci
         prefix = _rehome(policy, snap, step) + "; "
     if isinstance(intent, FailoverIntent):
         _operator_failover(policy, snap, step, intent.to)
+    elif isinstance(intent, Switchover):
+        _switchover(policy, snap, step, intent)
     elif isinstance(intent, Pause):
         _pause(snap, step)
     else:
@@ -391,7 +406,9 @@ def decide(policy: Policy, snap: Snapshot, intent: Intent | None = None) -> Deci
     commands.extend(step.events)
     commands.extend(RecordEvent("alert-cleared", f"{key} cleared") for key in cleared)
     commands.extend(raised)
-    return Decision(state, tuple(commands), reason, step.wake_at, step.refused, step.wants_confirmation)
+    return Decision(
+        state, tuple(commands), reason, step.wake_at, step.refused, step.wants_confirmation, step.switchover
+    )
 
 
 def _sane(policy: Policy, state: State, now: float) -> State:
@@ -511,6 +528,33 @@ def _operator_failover(policy: Policy, snap: Snapshot, step: _Step, to: str) -> 
         warn = f" (warning: {to} rejects the sidecar's credentials: {target.cause})"
     why = f"operator failover from {active} to {to}{warn}"
     _move(policy, snap, step, to, automatic=False, kind="operator-failover", why=why)
+
+
+def _switchover(policy: Policy, snap: Snapshot, step: _Step, intent: Switchover) -> None:
+    """The flip of a planned move: the shell has held writes and seen replication reach the target."""
+    active, to = step.state.active, intent.to
+    target = snap.region(to)
+    if target is None:
+        configured = ", ".join(r.name for r in snap.regions)
+        _refuse(step, to, f"refused switchover to {to}: no such region (configured: {configured})")
+        return
+    if to == active:
+        step.reason = f"switchover to {to}: already active, nothing to do"
+        return
+    if not target.healthy:
+        _refuse(
+            step,
+            to,
+            f"refused switchover to {to}: it is not healthy ({target.describe()}); a planned move needs a "
+            f"healthy target (`ddb-sidecar failover --to {to}` moves anyway)",
+        )
+        return
+    if intent.failback:
+        why = f"failback to home {to}: switched over with writes held until replication caught up"
+        _move(policy, snap, step, to, automatic=True, kind="failback", why=why)
+    else:
+        why = f"switchover from {active} to {to}: writes held until replication caught up"
+        _move(policy, snap, step, to, automatic=False, kind="switchover", why=why)
 
 
 def _refuse(step: _Step, to: str, reason: str) -> None:
@@ -634,8 +678,11 @@ def _failback(policy: Policy, snap: Snapshot, step: _Step, home: RegionView) -> 
             f"is above max_lag {policy.max_lag * 1000:g} ms"
         )
         return
-    why = f"failback to home {home.name}: up again, hold-down over, replication lag below max_lag"
-    _move(policy, snap, step, home.name, automatic=True, kind="failback", why=why)
+    step.reason += (
+        f"; failing back to home {home.name}: up again, hold-down over, replication lag {home.lag_ms:g} ms "
+        "below max_lag: switching over (writes held until replication has caught up)"
+    )
+    step.switchover = home.name
 
 
 def _alerts(

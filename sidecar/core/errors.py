@@ -204,6 +204,20 @@ def for_upstream_failure(region: str, *, sent: bool, kind: str, detail: str, tim
     return upstream_failed(region, detail)
 
 
+def internal(detail: str) -> DynamoError:
+    return DynamoError(500, "InternalServerError", _clip(detail), DYNAMODB)
+
+
+def switchover_in_progress(held: int) -> DynamoError:
+    return DynamoError(
+        503,
+        "ServiceUnavailableException",
+        f"A switchover between regions is in progress and {held} writes are already held; this one was "
+        "NOT sent. It is safe to retry in a moment.",
+        DYNAMODB,
+    )
+
+
 def not_found(path: str) -> DynamoError:
     # Drop the query string: presigned URLs carry credentials there.
     shown = _clip(path.partition("?")[0], 100)

@@ -22,8 +22,9 @@ import httptools
 
 from sidecar.core import errors
 from sidecar.core.errors import DynamoError
-from sidecar.core.gate import GatePolicy, admit
+from sidecar.core.gate import Admitted, GatePolicy, admit
 from sidecar.core.operations import OpKind, operation_from_target
+from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.sigv4 import ClientVerifier, Credentials, DynamoDBRequestSigner
 from sidecar.proxy.stats import RegionStats
 from sidecar.proxy.upstream import (
@@ -46,6 +47,8 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Kinds that may be sent twice when a kept-alive connection dies under them; writes and control-plane
 # operations never are (they may have been applied).
 _IDEMPOTENT = frozenset({OpKind.READ, OpKind.DESCRIBE, OpKind.ACCOUNT})
+# Kinds a switchover holds while replication drains (they change data).
+_FENCED = frozenset({OpKind.WRITE, OpKind.CONTROL})
 _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
@@ -113,6 +116,11 @@ class RegionRuntime:
         self.last_answer = 0.0
         self.busy_since = 0.0
         self.answers = 0
+        self.writes_in_flight = 0
+        # Switchover: the fence shared by every listener, and (after one) the active region this listener's
+        # stray writes go to, so that no write lands in the old region once the new one took over.
+        self.fence: WriteFence | None = None
+        self.forward_to: RegionRuntime | None = None
 
 
 class _Request:
@@ -328,24 +336,62 @@ class RegionListener(asyncio.Protocol):
             self._refuse(req, decision, decision.code, _op_label(target))
             return
         assert target is not None  # admitted requests name an operation
-        if region.health.state == "down":
+        write = decision.kind in _FENCED
+        dest = (region.forward_to or region) if write else region
+        fence = region.fence
+        if write and fence is not None and fence.closed:
+            # A switchover is draining replication: hold the write (reads keep flowing), in order with the
+            # connection's later requests, until the fence opens towards the region that takes it.
+            self._busy = True
+
+            def release(to: RegionRuntime | None) -> None:
+                self._busy = False
+                if self._closing or self.transport is None:
+                    return
+                try:
+                    self._forward(req, body, target, decision, to or dest)
+                except Exception:
+                    logger.exception("listener %s: releasing a held write failed", region.name)
+                    self._reply_and_close(errors.internal("ddb-sidecar internal error"))
+                    return
+                if not self._busy:
+                    self._next()
+
+            if not fence.hold(release):
+                self._busy = False
+                self._refuse(req, errors.switchover_in_progress(fence.max_held), "fence_full",
+                             decision.operation.name)  # fmt: skip
+            return
+        self._forward(req, body, target, decision, dest)
+
+    def _forward(
+        self, req: _Request, body: bytes, target: str, decision: Admitted, dest: RegionRuntime
+    ) -> None:
+        """Sign the request for `dest` (this listener's region, or the active one a switchover moved its
+        writes to) and send it; the answer goes back on this connection."""
+        if dest.health.state == "down":
             # Fail fast rather than send into a region the probes find down (a blackhole would hold the
             # request for request_timeout, then leave the app unsure whether it was applied). Traffic is
             # only here when no other region can take it: HAProxy's own check answers the same 3 s later.
-            cause = region.health.cause or "down"
-            self._refuse(req, errors.region_unreachable(region.name, f"it is down: {cause}"), "region_down",
+            cause = dest.health.cause or "down"
+            self._refuse(req, errors.region_unreachable(dest.name, f"it is down: {cause}"), "region_down",
                          decision.operation.name)  # fmt: skip
             return
+        region = dest
         head = region.signer.request_head(region.credentials(), target, body, time.time())
         self._busy = True
         started = time.monotonic()
         if not region.stats.in_flight:
             region.busy_since = started
         region.stats.in_flight += 1
-        write = decision.kind is OpKind.WRITE
+        write = decision.kind in _FENCED
+        if write:
+            region.writes_in_flight += 1
 
         def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
             region.stats.in_flight -= 1
+            if write:
+                region.writes_in_flight -= 1
             self._busy = False
             now = time.monotonic()
             if response is not None:

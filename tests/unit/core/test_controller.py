@@ -28,6 +28,7 @@ from sidecar.core.controller import (
     SetWeights,
     Snapshot,
     State,
+    Switchover,
     decide,
     desired_weights,
     effective_mode,
@@ -108,12 +109,21 @@ class Sim:
         snap = Snapshot(self.now, views, self.state, self.haproxy)
         decision = decide(self.policy, snap, intent)
         assert decide(self.policy, snap, intent) == decision  # deterministic
+        self._apply(decision)
+        if decision.switchover is not None:
+            # The shell's switchover: writes held, replication drained (instantly here), then the flip.
+            assert not of(decision, SetWeights)
+            flip = Snapshot(self.now, views, self.state, self.haproxy)
+            decision = decide(self.policy, flip, Switchover(decision.switchover, failback=True))
+            self._apply(decision)
+        return decision
+
+    def _apply(self, decision: Decision) -> None:
         for command in decision.commands:
             if isinstance(command, SetWeights) and self.haproxy is not None:
                 self.haproxy = dict(command.weights)
         self.state = decision.state
         self.decisions.append(decision)
-        return decision
 
     def moves(self) -> list[RecordEvent]:
         kinds = {"failover", "failback", "operator-failover"}
@@ -389,7 +399,7 @@ def test_automatic_failback_goes_home_when_all_conditions_hold() -> None:
     sim = failed_over(AUTO_BACK)
     d = sim.step(up(A, lag_ms=300), up(B), at=60.0)
     assert weights_of(d) == {A: 100, B: 0}
-    assert d.reason.startswith(f"failback to home {A}: up again, hold-down over")
+    assert d.reason.startswith(f"failback to home {A}: switched over with writes held")
     assert "replication lag to us-east-1 300 ms" in d.reason
     [event] = events(d)
     assert (event.kind, event.from_region, event.to_region) == ("failback", B, A)
@@ -833,3 +843,30 @@ def test_region_view_from_health_carries_the_times_and_kind() -> None:
     v = RegionView.from_health(A, h)
     assert (v.kind, v.failing_since, v.last_ok_at) == (Cause.TIMEOUT, 5.0, 4.0)
     assert v.outage and not v.answered_since(4.5) and v.answered_since(None)
+
+
+# -- switchover ---------------------------------------------------------------------------------------------
+
+
+def test_an_operator_switchover_moves_to_a_healthy_region_only() -> None:
+    sim = Sim()
+    refused = sim.step(up(A), unknown(B), at=5.0, intent=Switchover(B))
+    assert refused.refused and "not healthy" in refused.reason and weights_of(refused) is None
+    assert "failover --to eu-west-1" in refused.reason
+    assert sim.step(up(A), up(B), intent=Switchover("mars-1")).refused
+    d = sim.step(up(A), up(B, lag_ms=40), at=6.0, intent=Switchover(B))
+    assert weights_of(d) == {A: 0, B: ACTIVE_WEIGHT} and not d.refused
+    [event] = [e for e in events(d) if e.kind == "switchover"]
+    assert (event.from_region, event.to_region) == (A, B)
+    assert "replication lag to eu-west-1 40 ms" in d.reason
+    assert d.state.moves[-1].automatic is False and d.state.level == 0
+    again = sim.step(up(A), up(B), intent=Switchover(B))
+    assert "already active" in again.reason and not again.refused
+
+
+def test_automatic_failback_asks_the_shell_for_a_switchover() -> None:
+    policy = AUTO_BACK
+    state = State(B, moves=(Move(0.0, A, B, True, "x"),), hold_until=60.0, level=0, level_from=60.0)
+    d = decide(policy, Snapshot(61.0, (up(A, lag_ms=100), up(B)), state, {A: 0, B: 100}))
+    assert d.switchover == A and weights_of(d) is None and d.state.active == B
+    assert "switching over" in d.reason
