@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ARGS ?= --scenario outage --duration 25
 
-.PHONY: demo test unit integration bench bench-failover lint fmt clean
+.PHONY: demo test unit integration bench bench-failover bench-switchover lint fmt clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11" >&2; exit 2; }
@@ -32,6 +32,9 @@ bench: $(STAMP)
 
 bench-failover: $(STAMP)
 	$(BIN)/python -m bench.failover_bench $(BENCH_ARGS)
+
+bench-switchover: $(STAMP)
+	$(BIN)/python -m bench.switchover_bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench

@@ -57,14 +57,39 @@ def run(
             for record in answer["Records"]:
                 heapq.heappush(pending, (due, next(order), key[0], record))
         now = time.monotonic()
+        due: list[tuple[str, dict[str, Any]]] = []
         while pending and pending[0][0] <= now:
             _, _, table, record = heapq.heappop(pending)
-            data = record["dynamodb"]
-            if record["eventName"] == "REMOVE":
-                ddb_dst.delete_item(TableName=table, Key=data["Keys"])
-            else:
-                ddb_dst.put_item(TableName=table, Item=data["NewImage"])
+            due.append((table, record))
+        _apply(ddb_dst, due)
         time.sleep(POLL)
+
+
+def _apply(client: Any, records: list[tuple[str, dict[str, Any]]]) -> None:
+    """In stream order, batched 25 at a time; a key seen twice ends the batch first (per-item order)."""
+    batch: list[tuple[str, dict[str, Any]]] = []
+    keys: set[str] = set()
+    for table, record in records:
+        key = table + repr(sorted(record["dynamodb"]["Keys"].items()))
+        if key in keys or len(batch) == 25:
+            _write(client, batch)
+            batch, keys = [], set()
+        batch.append((table, record))
+        keys.add(key)
+    if batch:
+        _write(client, batch)
+
+
+def _write(client: Any, batch: list[tuple[str, dict[str, Any]]]) -> None:
+    items: dict[str, list[dict[str, Any]]] = {}
+    for table, record in batch:
+        data = record["dynamodb"]
+        if record["eventName"] == "REMOVE":
+            items.setdefault(table, []).append({"DeleteRequest": {"Key": data["Keys"]}})
+        else:
+            items.setdefault(table, []).append({"PutRequest": {"Item": data["NewImage"]}})
+    while items:
+        items = client.batch_write_item(RequestItems=items).get("UnprocessedItems") or {}
 
 
 class GlobalTables:
