@@ -217,3 +217,29 @@ def test_failover_reports_the_lag_at_the_move(
         assert "replication lag to eu-west-1" in move["reason"] and "unmeasured" not in move["reason"]
     finally:
         stack.stop()
+
+
+def test_automatic_failback_goes_home_through_a_switchover(
+    moto_regions: dict[str, MotoRegion], tables: tuple[str, str], tmp_path: Path
+) -> None:
+    """failback: automatic. After an operator failover to eu-west-1 (replication now eu-west-1 ->
+    us-east-1), once the hold-down is over and the lag into home is measured below max_lag, the sidecar
+    goes home by itself, with writes held until replication has caught up."""
+    app, _ = tables
+    src, dst = moto_regions[OTHER], moto_regions[HOME]
+    with GlobalTables(src, dst, list(tables), tmp_path, {**src.env()}, delay=DELAY):
+        stack = make_stack(moto_regions, tables, tmp_path, failback="automatic", hold_down="3s", max_lag="2s")
+        try:
+            assert cli(stack, "failover", "--to", OTHER).returncode == 0
+            with Writers(stack, app, threads=2) as writers:
+                wait_until(lambda: stack.status()["active_region"] == HOME, 30, message="failed back home")
+                back = time.monotonic()
+                wait_until(lambda: len([a for a in writers.acked if a[0] > back]) >= 20, 20, message="writes")
+            events = stack.status()["events"]
+            failback = next(e for e in events if e["kind"] == "failback")
+            assert "switched over with writes held" in failback["reason"]
+            assert "replication lag to us-east-1" in failback["reason"]
+            assert [e for e in events if e["kind"] == "fence-released"]
+            assert not writers.failed, writers.failed[:5]
+        finally:
+            stack.stop()
