@@ -107,11 +107,11 @@ def test_one_server_per_region_home_weighted(tmp_path: Path) -> None:
         "ap-southeast-2": ("[::1]:21103", 0),
     }
     # HAProxy checks at the probe interval and mirrors the listener's answer, which already carries the
-    # sidecar's fall/rise hysteresis: fall 3 rise 1 whatever health.fall/rise say, and 3 connect retries
+    # sidecar's fall/rise hysteresis: fall 5 rise 1 whatever health.fall/rise say, and 5 connect retries
     # so that requests wait out a restarting sidecar.
     for match in SERVER.finditer(text):
-        assert match.group(3, 4, 5) == ("500ms", "3", "1")
-    assert "    retries 3\n" in text
+        assert match.group(3, 4, 5) == ("500ms", "5", "1")
+    assert "    retries 5\n" in text
     assert "bind 127.0.0.1:21000" in text
     assert "default_backend dynamodb" in text
     assert "option redispatch" not in text
