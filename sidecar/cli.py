@@ -390,6 +390,9 @@ def reconcile(
     except ReconcileError as exc:
         click.echo(f"reconcile: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("reconcile: interrupted (repairs already made stay made)", err=True)
+        sys.exit(130)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
