@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ARGS ?= --scenario outage --duration 25
 
-.PHONY: demo test unit integration bench bench-failover bench-switchover lint fmt clean
+.PHONY: demo test unit integration bench bench-failover bench-replication bench-reconcile bench-switchover lint fmt clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11" >&2; exit 2; }
@@ -32,6 +32,12 @@ bench: $(STAMP)
 
 bench-failover: $(STAMP)
 	$(BIN)/python -m bench.failover_bench $(BENCH_ARGS)
+
+bench-replication: $(STAMP)
+	$(BIN)/python -m bench.replication_bench $(BENCH_ARGS)
+
+bench-reconcile: $(STAMP)
+	$(BIN)/python -m bench.reconcile_bench $(BENCH_ARGS)
 
 bench-switchover: $(STAMP)
 	$(BIN)/python -m bench.switchover_bench $(BENCH_ARGS)

@@ -54,7 +54,7 @@ async def _read_intent(request: web.Request) -> dict[str, object]:
 
 async def _run_intent(request: web.Request, intent: Intent) -> web.Response:
     daemon = request.app[DAEMON]
-    lag = daemon.heartbeats.lag_ms(intent.to) if isinstance(intent, FailoverIntent) else None
+    lag = daemon.lag_ms(intent.to) if isinstance(intent, FailoverIntent) else None
     decision, confirmed = await daemon.intent(intent)
     state = decision.state
     doc = {

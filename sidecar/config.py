@@ -264,6 +264,37 @@ class Client(_Model):
 
 class Replication(_Model):
     mode: Literal["global-tables", "streams", "none"] = "global-tables"
+    # `streams` only (the replicator in sidecar/replication/streams.py):
+    # how long a shard's reader waits after an empty GetRecords (DynamoDB allows ~5 reads/s per shard,
+    # shared by every reader: one per other region).
+    poll_interval: Duration = 0.25
+    # single: conditional PutItem/DeleteItem per item (about 1 write + 1 read unit per item);
+    # transact: TransactWriteItems of up to batch_size items (atomic, fewer requests, 2-4x the units)
+    write_mode: Literal["single", "transact"] = "single"
+    # items per TransactWriteItems (each item takes two of its 100 actions: the write and its tombstone)
+    batch_size: Annotated[int, Field(ge=1, le=50)] = 50
+    # requests (single) or transactions (transact) in flight per table and target region; a delivery never
+    # holds two writes of one item, so they never race
+    max_in_flight: Annotated[int, Field(ge=1, le=64)] = 8
+    # how long delete tombstones are kept (DynamoDB TTL on `ddbsc:expires`); above the stream's 24 h
+    tombstone_ttl: Duration = 48 * 3600.0
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _poll_interval(cls, v: float) -> float:
+        if not 0.05 <= v <= 60.0:
+            raise ValueError("poll_interval must be between 50ms and 60s")
+        return v
+
+    @field_validator("tombstone_ttl")
+    @classmethod
+    def _tombstone_ttl(cls, v: float) -> float:
+        if v < 24 * 3600.0:
+            raise ValueError(
+                "tombstone_ttl must be at least 1440m (24 h, how long a stream keeps records): a tombstone "
+                "that expires earlier cannot stop a late, older record from resurrecting a deleted item"
+            )
+        return v
 
 
 class Logging(_Model):

@@ -15,6 +15,7 @@ import errno
 import logging
 import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.listener import DataPathPolicy, RegionListener, RegionRuntime
 from sidecar.proxy.sigv4 import ClientVerifier, DynamoDBRequestSigner
 from sidecar.proxy.upstream import Endpoint, UpstreamPool
+from sidecar.replication.streams import StreamReplicator
 from sidecar.switchover import SwitchoverResult, run_switchover
 from sidecar.watch import FileWatcher
 
@@ -121,12 +123,14 @@ class Daemon:
             record=self.event,
             notify=self.notifier.notify,
             on_move=self._moved,
-            lag_ms=self.heartbeats.lag_ms,
+            lag_ms=self.lag_ms,
             on_switchover=self._failback_due,
         )
+        self.replicator: StreamReplicator | None = None
         self.fence = WriteFence()
         self.switchover_lock = asyncio.Lock()
         self._failback_retry_at = 0.0
+        self._render_task: asyncio.Task[None] | None = None
         self.watcher: FileWatcher | None = None
         self._render_lock = asyncio.Lock()
         self._confirmed_weights: dict[str, int] | None = None
@@ -186,6 +190,14 @@ class Daemon:
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
             self._spawn(self.heartbeats.run(), "heartbeats")
+            if cfg.replication.mode == "streams":
+                self.replicator = StreamReplicator(
+                    lambda: self.config,
+                    self.credentials.current,
+                    cfg.state_dir,
+                    source_region=self.failover.active,
+                )
+                await self.replicator.start()
             self._spawn(self._sweep(), "listener-sweeper")
             if cfg.haproxy.manage:
                 await self._start_haproxy()
@@ -329,6 +341,8 @@ class Daemon:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keeper.stop()
+        if self.replicator is not None:
+            await self.replicator.stop()
         if self.haproxy is not None:
             await self.haproxy.stop()
         # Let in-flight requests finish (bounded), then close what remains.
@@ -424,7 +438,12 @@ class Daemon:
             if aborted:
                 logger.warning("answered %d requests stuck in %s (down) with errors", aborted, from_region)
         self._route_writes_to(to_region)
-        self._spawn(self.rerender(reload=False, why=f"moved to {to_region}"), "render-after-move")
+        self._render_task = self._spawn(
+            self.rerender(reload=False, why=f"moved to {to_region}"), "render-after-move"
+        )
+        if self.replicator is not None:
+            # replication now runs from the new active region (its own checkpoints)
+            self._spawn(self.replicator.set_source(to_region), "replicator-set-source")
 
     def _route_writes_to(self, active: str) -> None:
         """Writes that reach a listener other than the active region's (in flight in HAProxy at a move)
@@ -446,14 +465,60 @@ class Daemon:
 
         self._spawn(failback(), "failback")
 
+    def lag_ms(self, region: str) -> float | None:
+        """Replication lag from the active region into `region`: the stream replicator's own account in
+        `streams` mode, heartbeats otherwise (None: unmeasured, or `region` is the active one)."""
+        if self.replicator is not None:
+            if (
+                region == self.failover.active_or_none
+                or self.replicator.source_region != self.failover.active_or_none
+            ):
+                return None
+            return self.replicator.lag_ms().get(region)
+        return self.heartbeats.lag_ms(region)
+
+    def max_lag_ms(self) -> float | None:
+        lags = [self.lag_ms(r) for r in self.regions if r != self.failover.active_or_none]
+        known = [lag for lag in lags if lag is not None]
+        return max(known) if known and len(known) == len(lags) else None
+
+    async def replication_caught_up(self, source: str, target: str, since: float, deadline: float) -> bool:
+        """Has everything written to `source` up to `since` (monotonic) reached `target`? Heartbeats: a fence
+        heartbeat seen in the target. Streams: the replicator's reads of every shard came back empty and
+        nothing read is unapplied, twice, more than two polls after `since`."""
+        loop = asyncio.get_running_loop()
+        replicator = self.replicator
+        if replicator is None:
+            return await self.heartbeats.fence_visible(source, target, uuid.uuid4().hex, deadline)
+        settle = 2 * self.config.replication.poll_interval
+        good = 0
+        while loop.time() < deadline:
+            if time.monotonic() - since > settle and replicator.source_region == source:
+                lag = replicator.lag_ms().get(target)
+                good = good + 1 if lag == 0 and replicator.iterator_age_s == 0 else 0
+                if good >= 2:
+                    return True
+            await asyncio.sleep(0.02)
+        return False
+
     async def switchover(self, to: str) -> SwitchoverResult:
-        return await run_switchover(self, to)
+        result = await run_switchover(self, to)
+        await self._rendered(5.0)
+        return result
 
     async def intent(self, intent: Intent, *, confirm_within: float = 5.0) -> tuple[Decision, bool]:
-        """An operator's command; returns the decision and whether HAProxy confirmed the weights."""
+        """An operator's command; returns the decision and whether HAProxy confirmed the weights (and,
+        after a move, once the rendered haproxy.cfg says so too: a reload right after cannot undo it)."""
         decision = self.failover.intent(intent)
         confirmed = await self.keeper.wait_confirmed(confirm_within)
+        await self._rendered(confirm_within)
         return decision, confirmed
+
+    async def _rendered(self, within: float) -> None:
+        task = self._render_task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), within)
 
     def unreplicated_note(self, to: str, lag: float | None) -> str:
         """What an immediate failover to `to` may leave behind: writes not yet replicated into it (`lag`:
@@ -498,10 +563,11 @@ class Daemon:
         self._connections.add(conn)
         return conn
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -538,7 +604,7 @@ class Daemon:
                     "weight": weights.get(name) if weights else None,
                     "desired_weight": self.weights.get(name),
                     "suspect": health.suspect,
-                    "lag_ms": self.heartbeats.lag_ms(name),
+                    "lag_ms": self.lag_ms(name),
                     "last_ok_at": _iso(health.last_ok_at),
                     "endpoint": self.config.region(name).url,
                     "requests": runtime.stats.total(),
@@ -565,7 +631,8 @@ class Daemon:
             },
             "replication": {
                 "mode": self.config.replication.mode,
-                "lag_ms": self.heartbeats.max_lag_ms(),
+                "lag_ms": self.max_lag_ms(),
+                "replicator": self.replicator.status() if self.replicator is not None else None,
                 "heartbeats_written": self.heartbeats.written,
                 "heartbeat_error": self.heartbeats.last_error,
             },

@@ -91,7 +91,8 @@ class Heartbeats:
 
     @property
     def enabled(self) -> bool:
-        return self._config().replication.mode != "none" and len(self.monitors) > 1
+        # streams mode: the sidecar's own replicator measures its lag (heartbeats are not replicated)
+        return self._config().replication.mode == "global-tables" and len(self.monitors) > 1
 
     def lag_ms(self, region: str) -> float | None:
         """The lag from the active region into `region` (None: unmeasured, or `region` is the active one)."""

@@ -161,7 +161,7 @@ class DaemonCollector(Collector):
             labels=["region"],
         )
         for name in daemon.monitors:
-            value = daemon.heartbeats.lag_ms(name)
+            value = daemon.lag_ms(name)
             if value is not None:
                 lag.add_metric([name], value / 1000)
         held = GaugeMetricFamily("ddb_sidecar_fence_held_writes", "Writes held by a switchover's fence now")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,13 +66,13 @@ async def run_switchover(daemon: Daemon, to: str, *, failback: bool = False) -> 
         deadline = loop.time() + cfg.failover.switchover_timeout
         fence = daemon.fence
         source = daemon.regions[old]
-        lag_before = daemon.heartbeats.lag_ms(to)
-        token = uuid.uuid4().hex
+        lag_before = daemon.lag_ms(to)
         fence.close()
         closed_at = time.monotonic()
         try:
             drained = await _writes_answered(source, deadline)
-            visible = drained and await daemon.heartbeats.fence_visible(old, to, token, deadline)
+            answered_at = time.monotonic()
+            visible = drained and await daemon.replication_caught_up(old, to, answered_at, deadline)
             if not visible:
                 held = fence.open(None)  # back to the old region: nothing moved
                 waited = (time.monotonic() - closed_at) * 1000

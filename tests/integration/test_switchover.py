@@ -243,3 +243,49 @@ def test_automatic_failback_goes_home_through_a_switchover(
             assert not writers.failed, writers.failed[:5]
         finally:
             stack.stop()
+
+
+def test_streams_mode_replicates_through_the_sidecar_and_switches_over_without_loss(
+    moto_regions: dict[str, MotoRegion], tables: tuple[str, str], tmp_path: Path
+) -> None:
+    """replication.mode: streams: the sidecar's own replicator copies us-east-1's stream into eu-west-1;
+    a switchover waits until it has applied everything written before the fence, then replication runs
+    from eu-west-1."""
+    app, health = tables
+    stack = SidecarStack(
+        [moto_regions[HOME], moto_regions[OTHER]],
+        [app],
+        tmp_path,
+        extra={
+            "health": {"table": health},
+            "failover": {"switchover_timeout": "5s"},
+            "replication": {"mode": "streams"},
+        },
+    )
+    stack.start()
+    try:
+        stack.wait_regions_up()
+        with Writers(stack, app, threads=2) as writers:
+            wait_until(
+                lambda: stack.status()["replication"]["lag_ms"] is not None, 30, message="replicator lag"
+            )
+            wait_until(lambda: len(writers.acked) >= 30, 20, message="writes flowing")
+            done = cli(stack, "switchover", "--to", OTHER)
+            switched = time.monotonic()
+            assert done.returncode == 0, done.stdout + done.stderr
+            wait_until(
+                lambda: len([a for a in writers.acked if a[0] > switched]) >= 20, 20, message="writes after"
+            )
+        assert not writers.failed, writers.failed[:5]
+        status = stack.status()
+        assert status["active_region"] == OTHER
+        assert status["replication"]["replicator"]["source"] == OTHER
+        before = [k for sent, _, k in writers.acked if sent < switched]
+        assert present(moto_regions[OTHER], app, before) == set(before)  # nothing lost in the move
+        # from eu-west-1 now: what was written after the switch reaches us-east-1 through the replicator
+        after = [k for sent, _, k in writers.acked if sent > switched]
+        wait_until(
+            lambda: present(moto_regions[HOME], app, after) == set(after), 20, message="replicated back"
+        )
+    finally:
+        stack.stop()
