@@ -67,6 +67,21 @@ def now() -> float:
     return time.monotonic()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a live process (Linux /proc), 0 if unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -358,6 +373,12 @@ def run_mode(
             replicator.process.check_running()
             time.sleep(0.1)
         poller.start()
+        cpu0 = {
+            "replicator": cpu_seconds(replicator.process.pid),
+            "moto_source": cpu_seconds(source.process.pid),
+            "moto_target": cpu_seconds(target.process.pid),
+        }
+        result["load_average_before"] = load_average()
         t0 = time.time()
         print(f"  {mode}: {args.rate:g} writes/s for {args.duration:g} s ...", flush=True)
         result["achieved_rate"] = round(writer.run(args.duration), 1)
@@ -370,6 +391,14 @@ def run_mode(
             time.sleep(0.05)
         lags = [v * 1000 for v in poller.lags.values()]
         final = replicator.poll() or {}
+        cpu = {
+            "replicator": cpu_seconds(replicator.process.pid),
+            "moto_source": cpu_seconds(source.process.pid),
+            "moto_target": cpu_seconds(target.process.pid),
+        }
+        records = max(final.get("records_read", 0), 1)
+        result["cpu_ms_per_record"] = {k: round((cpu[k] - cpu0[k]) * 1000 / records, 2) for k in cpu}
+        result["load_average_after"] = load_average()
         result.update(
             writes=writer.acked,
             write_counts=dict(writer.counts),

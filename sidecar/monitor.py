@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 READ_TARGET = "DynamoDB_20120810.GetItem"
 WRITE_TARGET = "DynamoDB_20120810.PutItem"
 MAX_OUTSTANDING = 4  # overlapping probes per region at most
+FAST_STALL = 0.75  # of health.timeout: the earliest a busy region's silence counts as a stall
+FAST_STALL_WAITING = 10
+FAST_STALL_EXPECTED = 50
 _STATE_ORDER = {"down": 0, "unknown": 1, "up": 2}
 
 
@@ -165,11 +168,13 @@ class RegionMonitor:
     def sweep(self, now: float) -> None:
         """A blackhole under traffic: requests are waiting and the region has answered nothing for a while.
 
-        Stalled after `health.timeout` of silence; sooner (from half of it) when the region's recent
-        answer rate says at least `5 x fall` answers should have come in that time: with 200 requests a
-        second, 400 ms of total silence is not a slow request, it is an outage. Counts as one timeout per
-        waiting request (at most `fall`), once per stall. Half-way to the timeout the region is looked at
-        closer: a probe now and the others probed (`on_quiet`), so the move, if it comes, waits for nothing.
+        Stalled after `health.timeout` of silence; sooner (from 3/4 of it) only on strong evidence: at least
+        FAST_STALL_WAITING requests waiting and FAST_STALL_EXPECTED answers due at the region's recent rate
+        (200 requests a second, 600 ms of total silence). A hiccup of a loaded server (430 ms seen here,
+        4 requests waiting) moved traffic for nothing when half the timeout and fewer waiting sufficed.
+        Counts as one timeout per waiting request (at most `fall`), once per stall. Half-way to the timeout
+        the region is looked at closer: a probe now and the others probed (`on_quiet`), so the move, if it
+        comes, waits for nothing.
         """
         rt = self.runtime
         dt = now - self._answers_at
@@ -194,7 +199,12 @@ class RegionMonitor:
                 self._on_quiet(self)
         waiting = rt.stats.in_flight
         expected = self.answer_rate * quiet
-        stalled = quiet > cfg.timeout or (expected >= 5 * cfg.fall and waiting >= cfg.fall)
+        busy = (
+            quiet > cfg.timeout * FAST_STALL
+            and expected >= FAST_STALL_EXPECTED
+            and waiting >= FAST_STALL_WAITING
+        )
+        stalled = quiet > cfg.timeout or busy
         if not stalled or self._stall_reported_at >= quiet_since:
             return
         self._stall_reported_at = now

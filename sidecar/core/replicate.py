@@ -131,7 +131,7 @@ class Plan:
 
     ops: tuple[WriteOp, ...]  # one per item, distinct keys, in order of first appearance
     records: int
-    echoes: int
+    echoes: int  # the replicator's own writes (and tombstones): not replicated
     stale: int  # created before `not_before_ms`: written before this region became the source again
     last_sequence: str | None  # the highest delivered (the checkpoint once everything is applied)
     oldest_created_ms: int | None
@@ -290,9 +290,25 @@ def is_write_echo(change: Change) -> bool:
     return new is not None and new != replicated_version(change.old_image)
 
 
+def is_tombstone(change: Change) -> bool:
+    """A record of a tombstone item (in the health table): per-region bookkeeping, never replicated (its
+    writes and its TTL expiry alike)."""
+    key = change.keys.get(TOMBSTONE_KEY_ATTR)
+    return (
+        len(change.keys) == 1
+        and isinstance(key, Mapping)
+        and isinstance(key.get("S"), str)
+        and str(key["S"]).startswith(TOMBSTONE_PREFIX)
+    )
+
+
 def needs_tombstone_lookup(change: Change) -> bool:
     """A REMOVE of a replicated item: an echo only if the source holds a newer tombstone for it."""
-    return change.event == "REMOVE" and replicated_version(change.old_image) is not None
+    return (
+        change.event == "REMOVE"
+        and replicated_version(change.old_image) is not None
+        and not is_tombstone(change)
+    )
 
 
 def is_delete_echo(change: Change, source_tombstone: str | None) -> bool:
@@ -349,9 +365,13 @@ def plan(
     counts: dict[str, int] = {}
     echoes = stale = 0
     for position, change in enumerate(changes):
-        if is_write_echo(change) or (
-            needs_tombstone_lookup(change)
-            and is_delete_echo(change, tombstones.get(tombstone_id(table, change.key_id)))
+        if (
+            is_tombstone(change)
+            or is_write_echo(change)
+            or (
+                needs_tombstone_lookup(change)
+                and is_delete_echo(change, tombstones.get(tombstone_id(table, change.key_id)))
+            )
         ):
             echoes += 1
             continue

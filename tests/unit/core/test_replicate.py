@@ -426,6 +426,24 @@ def test_after_a_move_only_the_applications_writes_travel_back(
     assert a.app_items() == b.app_items()
 
 
+def test_tombstones_are_never_replicated() -> None:
+    tomb = {"pk": {"S": "ddbsc-tombstone#orders#abc"}, VERSION_ATTR: {"S": "1"}}
+    expired = parse_record(
+        {
+            "eventName": "REMOVE",  # DynamoDB's TTL removing it
+            "dynamodb": {
+                "Keys": {"pk": tomb["pk"]},
+                "OldImage": tomb,
+                "SequenceNumber": "5",
+                "ApproximateCreationDateTime": 1,
+            },
+        }
+    )
+    assert not needs_tombstone_lookup(expired)
+    assert plan(TOMBSTONES, [expired], SOURCE).ops == ()
+    assert plan(TOMBSTONES, [expired], SOURCE).echoes == 1
+
+
 def test_write_echo_rule() -> None:
     def change(event: str, new: Item | None, old: Item | None) -> Change:
         body: dict[str, Any] = {
