@@ -164,10 +164,33 @@ class DaemonCollector(Collector):
             value = daemon.lag_ms(name)
             if value is not None:
                 lag.add_metric([name], value / 1000)
+        yield from self._replicator()
         held = GaugeMetricFamily("ddb_sidecar_fence_held_writes", "Writes held by a switchover's fence now")
         held.add_metric([], daemon.fence.held)
         yield from (observations, suspect, active, observed, moves, alerts, paused, confirmed, corrections,
                     failed, webhook, lag, held)  # fmt: skip
+
+    def _replicator(self) -> Iterator[Metric]:
+        replicator = self.daemon.replicator
+        if replicator is None:
+            return
+        applied = CounterMetricFamily(
+            "ddb_sidecar_replication_records",
+            "Stream records applied (or found superseded) by the replicator",
+        )
+        applied.add_metric([], replicator.records_applied)
+        rate = GaugeMetricFamily(
+            "ddb_sidecar_replication_records_per_second", "Stream records applied per second, last 10 s"
+        )
+        rate.add_metric([], replicator.records_per_s)
+        age = GaugeMetricFamily(
+            "ddb_sidecar_replication_iterator_age_seconds", "Age of the last stream record read, worst shard"
+        )
+        if replicator.iterator_age_s is not None:
+            age.add_metric([], replicator.iterator_age_s)
+        errors = CounterMetricFamily("ddb_sidecar_replication_errors", "Replicator errors (retried)")
+        errors.add_metric([], replicator.errors)
+        yield from (applied, rate, age, errors)
 
 
 def metrics_registry(daemon: Daemon) -> CollectorRegistry:

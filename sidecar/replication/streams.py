@@ -243,7 +243,9 @@ class StreamReplicator:
         settings = Settings.from_config(config)
         self._stopping = asyncio.Event()
         self._executor = ThreadPoolExecutor(
-            max_workers=min(64, max(4, len(config.tables) * len(targets) * (settings.max_in_flight + 3))),
+            max_workers=min(
+                64, max(4, len(replicated_tables(config)) * len(targets) * (settings.max_in_flight + 3))
+            ),
             thread_name_prefix="replicator",
         )
         if self._factory is None:
@@ -329,6 +331,9 @@ class StreamReplicator:
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({call, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            call.add_done_callback(_ignore_result)
+            raise
         finally:
             stop.cancel()
         if call.done():

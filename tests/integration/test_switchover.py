@@ -280,6 +280,9 @@ def test_streams_mode_replicates_through_the_sidecar_and_switches_over_without_l
         status = stack.status()
         assert status["active_region"] == OTHER
         assert status["replication"]["replicator"]["source"] == OTHER
+        metrics = stack.metrics()
+        assert "ddb_sidecar_replication_records_total" in metrics
+        assert "ddb_sidecar_replication_iterator_age_seconds" in metrics
         before = [k for sent, _, k in writers.acked if sent < switched]
         assert present(moto_regions[OTHER], app, before) == set(before)  # nothing lost in the move
         # from eu-west-1 now: what was written after the switch reaches us-east-1 through the replicator
