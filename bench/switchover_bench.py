@@ -33,16 +33,6 @@ from tests.support.wait import wait_until
 HOME, OTHER = "us-east-1", "eu-west-1"
 
 
-def create_streamed_table(region: MotoRegion, name: str) -> None:
-    region.client().create_table(
-        TableName=name,
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-        BillingMode="PAY_PER_REQUEST",
-        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
-    )
-
-
 class App:
     """Open-loop-ish writers: `threads` threads, each writing then pausing so the total is ~`rate`/s."""
 
@@ -79,26 +69,12 @@ class App:
             self._stop.wait(max(0.0, next_at - time.monotonic()))
 
 
-def present(region: MotoRegion, table: str, keys: list[str]) -> set[str]:
-    found: set[str] = set()
-    client = region.client()
-    for i in range(0, len(keys), 100):
-        pending: Any = {
-            table: {"Keys": [{"pk": {"S": k}} for k in keys[i : i + 100]], "ConsistentRead": True}
-        }
-        while pending:
-            answer = client.batch_get_item(RequestItems=pending)
-            found.update(item["pk"]["S"] for item in answer["Responses"].get(table, []))
-            pending = answer.get("UnprocessedKeys") or None
-    return found
-
-
 def one_run(regions: dict[str, MotoRegion], work: Path, delay: float, rate: float, n: int) -> dict[str, Any]:
     suffix = uuid.uuid4().hex[:8]
     app_table, health = f"sb-app-{suffix}", f"sb-health-{suffix}"
     for region in regions.values():
-        create_streamed_table(region, app_table)
-        create_streamed_table(region, health)
+        region.create_table(app_table, stream=True)
+        region.create_table(health, stream=True)
     src, dst = regions[HOME], regions[OTHER]
     result: dict[str, Any] = {"run": n, "delay_ms": delay * 1000}
     with GlobalTables(src, dst, [app_table, health], work, {**src.env()}, delay=delay):
@@ -143,9 +119,9 @@ def one_run(regions: dict[str, MotoRegion], work: Path, delay: float, rate: floa
             time.sleep(delay + 1.0)
             keys = [k for _, _, k in app.acked]
             result["acked"] = len(keys)
-            result["missing_in_new"] = len(set(keys) - present(dst, app_table, keys))
+            result["missing_in_new"] = len(set(keys) - dst.present(app_table, keys))
             after = [k for s, _, k in app.acked if s > t1]
-            result["after_switch_in_old"] = len(present(src, app_table, after))
+            result["after_switch_in_old"] = len(src.present(app_table, after))
         finally:
             stack.stop()
     return result

@@ -22,7 +22,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -34,8 +33,10 @@ from sidecar.core.health import (
     ProbeOutcome,
     classify_failure,
     classify_response,
+    combine,
     error_code,
     observe,
+    stalled,
 )
 from sidecar.proxy.listener import RegionRuntime
 from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
@@ -45,10 +46,6 @@ logger = logging.getLogger(__name__)
 READ_TARGET = "DynamoDB_20120810.GetItem"
 WRITE_TARGET = "DynamoDB_20120810.PutItem"
 MAX_OUTSTANDING = 4  # overlapping probes per region at most
-FAST_STALL = 0.75  # of health.timeout: the earliest a busy region's silence counts as a stall
-FAST_STALL_WAITING = 10
-FAST_STALL_EXPECTED = 50
-_STATE_ORDER = {"down": 0, "unknown": 1, "up": 2}
 
 
 def canary_key(region: str) -> dict[str, Any]:
@@ -58,26 +55,6 @@ def canary_key(region: str) -> dict[str, Any]:
 
 def fast_interval(interval: float) -> float:
     return min(interval, max(0.05, interval / 5))
-
-
-def combine(reads: HealthState, writes: HealthState) -> HealthState:
-    """One region's health from its read and write runs: the worse one wins; unknown writes (no write probe
-    yet) do not hold back a region whose reads are up."""
-    worst = min((reads, writes), key=lambda h: _STATE_ORDER.get(h.state, 1))
-    if worst.state == "down":
-        chosen = worst
-    elif reads.state == "up":
-        chosen = writes if writes.failures > reads.failures else reads
-        chosen = replace(chosen, state="up")
-    else:
-        chosen = reads
-    starts = [h.failing_since for h in (reads, writes) if h.failing_since is not None]
-    oks = [h.last_ok_at for h in (reads, writes) if h.last_ok_at is not None]
-    return replace(
-        chosen,
-        failing_since=min(starts) if starts else None,
-        last_ok_at=max(oks) if oks else None,
-    )
 
 
 class RegionMonitor:
@@ -168,11 +145,8 @@ class RegionMonitor:
     def sweep(self, now: float) -> None:
         """A blackhole under traffic: requests are waiting and the region has answered nothing for a while.
 
-        Stalled after `health.timeout` of silence; sooner (from 3/4 of it) only on strong evidence: at least
-        FAST_STALL_WAITING requests waiting and FAST_STALL_EXPECTED answers due at the region's recent rate
-        (200 requests a second, 600 ms of total silence). A hiccup of a loaded server (430 ms seen here,
-        4 requests waiting) moved traffic for nothing when half the timeout and fewer waiting sufficed.
-        Counts as one timeout per waiting request (at most `fall`), once per stall. Half-way to the timeout
+        The verdict is `core.health.stalled` (after `health.timeout` of silence, or 3/4 of it on strong
+        evidence). Counts as one timeout per waiting request (at most `fall`), once per stall. Half-way to the timeout
         the region is looked at closer: a probe now and the others probed (`on_quiet`), so the move, if it
         comes, waits for nothing.
         """
@@ -199,13 +173,7 @@ class RegionMonitor:
                 self._on_quiet(self)
         waiting = rt.stats.in_flight
         expected = self.answer_rate * quiet
-        busy = (
-            quiet > cfg.timeout * FAST_STALL
-            and expected >= FAST_STALL_EXPECTED
-            and waiting >= FAST_STALL_WAITING
-        )
-        stalled = quiet > cfg.timeout or busy
-        if not stalled or self._stall_reported_at >= quiet_since:
+        if not stalled(quiet, cfg.timeout, expected, waiting) or self._stall_reported_at >= quiet_since:
             return
         self._stall_reported_at = now
         detail = f"{waiting} app request(s) waiting, no answer from {self.name} for {quiet * 1000:.0f} ms" + (

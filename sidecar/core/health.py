@@ -179,3 +179,46 @@ def observe(
         failing_since=None,
         last_ok_at=now if now is not None else prev.last_ok_at,
     )
+
+
+_STATE_ORDER = {"down": 0, "unknown": 1, "up": 2}
+
+
+def combine(reads: HealthState, writes: HealthState) -> HealthState:
+    """One region's health from its read and write runs: the worse one wins; unknown writes (no write probe
+    yet) do not hold back a region whose reads are up."""
+    worst = min((reads, writes), key=lambda h: _STATE_ORDER.get(h.state, 1))
+    if worst.state == "down":
+        chosen = worst
+    elif reads.state == "up":
+        chosen = writes if writes.failures > reads.failures else reads
+        chosen = replace(chosen, state="up")
+    else:
+        chosen = reads
+    starts = [h.failing_since for h in (reads, writes) if h.failing_since is not None]
+    oks = [h.last_ok_at for h in (reads, writes) if h.last_ok_at is not None]
+    return replace(
+        chosen,
+        failing_since=min(starts) if starts else None,
+        last_ok_at=max(oks) if oks else None,
+    )
+
+
+# A busy region's silence counts as a stall from this fraction of health.timeout, given strong evidence.
+FAST_STALL = 0.75
+FAST_STALL_WAITING = 10
+FAST_STALL_EXPECTED = 50
+
+
+def stalled(quiet: float, timeout: float, expected: float, waiting: int) -> bool:
+    """Is a region that has answered nothing for `quiet` seconds, while `waiting` requests wait and its
+    recent rate promised `expected` answers in that time, stalled (a blackhole)?
+
+    After `timeout` of silence, yes. Sooner (from 3/4 of it) only on strong evidence: at least 10 requests
+    waiting and 50 answers due (200 requests a second, 600 ms of total silence). A hiccup of a loaded
+    server (430 ms seen here, 4 requests waiting) moved traffic for nothing when half the timeout and fewer
+    waiting sufficed.
+    """
+    if quiet > timeout:
+        return True
+    return quiet > timeout * FAST_STALL and expected >= FAST_STALL_EXPECTED and waiting >= FAST_STALL_WAITING

@@ -28,23 +28,13 @@ HOME, OTHER = "us-east-1", "eu-west-1"
 DELAY = 0.3
 
 
-def create_streamed_table(region: MotoRegion, name: str) -> None:
-    region.client().create_table(
-        TableName=name,
-        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-        BillingMode="PAY_PER_REQUEST",
-        StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
-    )
-
-
 @pytest.fixture
 def tables(moto_regions: dict[str, MotoRegion]) -> tuple[str, str]:
     suffix = uuid.uuid4().hex[:8]
     app, health = f"so-app-{suffix}", f"so-health-{suffix}"
     for region in moto_regions.values():
-        create_streamed_table(region, app)
-        create_streamed_table(region, health)
+        region.create_table(app, stream=True)
+        region.create_table(health, stream=True)
     return app, health
 
 
@@ -115,20 +105,6 @@ class Writers:
             self._stop.wait(0.01)
 
 
-def present(region: MotoRegion, table: str, keys: list[str]) -> set[str]:
-    found: set[str] = set()
-    client = region.client()
-    for i in range(0, len(keys), 100):
-        pending: Any = {
-            table: {"Keys": [{"pk": {"S": k}} for k in keys[i : i + 100]], "ConsistentRead": True}
-        }
-        while pending:
-            answer = client.batch_get_item(RequestItems=pending)
-            found.update(item["pk"]["S"] for item in answer["Responses"].get(table, []))
-            pending = answer.get("UnprocessedKeys") or None
-    return found
-
-
 def test_lag_is_measured_from_heartbeats(
     moto_regions: dict[str, MotoRegion], tables: tuple[str, str], replicated: GlobalTables, tmp_path: Path
 ) -> None:
@@ -170,13 +146,13 @@ def test_switchover_loses_no_write_and_the_old_region_takes_none_after(
         assert not writers.failed, writers.failed[:5]
         keys = [k for _, _, k in writers.acked]
         time.sleep(DELAY + 1.0)  # replication of the last writes before the switch (the emulator's delay)
-        in_new = present(moto_regions[OTHER], app, keys)
+        in_new = moto_regions[OTHER].present(app, keys)
         missing = [k for k in keys if k not in in_new]
         assert not missing, f"{len(missing)} acknowledged writes not in {OTHER}: {missing[:5]}"
         # Nothing replicates eu-west-1 -> us-east-1 here: a key in us-east-1 was written there. None of the
         # writes sent after the switch completed may be there.
         after = [k for sent, _, k in writers.acked if sent > switched]
-        assert after and not present(moto_regions[HOME], app, after)
+        assert after and not moto_regions[HOME].present(app, after)
         events = [e["kind"] for e in stack.status()["events"]]
         assert "switchover" in events and "fence-released" in events
     finally:
@@ -199,7 +175,7 @@ def test_switchover_refused_when_replication_does_not_catch_up(
         assert stack.status()["active_region"] == HOME
         assert not writers.failed, writers.failed[:5]
         keys = [k for _, _, k in writers.acked]
-        assert present(moto_regions[HOME], app, keys) == set(keys)  # held writes went to the old region
+        assert moto_regions[HOME].present(app, keys) == set(keys)  # held writes went to the old region
     finally:
         stack.stop()
 
@@ -284,11 +260,11 @@ def test_streams_mode_replicates_through_the_sidecar_and_switches_over_without_l
         assert "ddb_sidecar_replication_records_total" in metrics
         assert "ddb_sidecar_replication_iterator_age_seconds" in metrics
         before = [k for sent, _, k in writers.acked if sent < switched]
-        assert present(moto_regions[OTHER], app, before) == set(before)  # nothing lost in the move
+        assert moto_regions[OTHER].present(app, before) == set(before)  # nothing lost in the move
         # from eu-west-1 now: what was written after the switch reaches us-east-1 through the replicator
         after = [k for sent, _, k in writers.acked if sent > switched]
         wait_until(
-            lambda: present(moto_regions[HOME], app, after) == set(after), 20, message="replicated back"
+            lambda: moto_regions[HOME].present(app, after) == set(after), 20, message="replicated back"
         )
     finally:
         stack.stop()

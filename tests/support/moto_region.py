@@ -188,6 +188,19 @@ class MotoRegion:
         self._clients.append(client)
         return client
 
+    def present(self, table: str, keys: list[str], pk: str = "pk") -> set[str]:
+        """Which of `keys` (string partition keys) this region's own data holds (consistent reads)."""
+        found: set[str] = set()
+        client = self.client()
+        for i in range(0, len(keys), 100):
+            batch = [{pk: {"S": k}} for k in keys[i : i + 100]]
+            pending: Any = {table: {"Keys": batch, "ConsistentRead": True}}
+            while pending:
+                answer = client.batch_get_item(RequestItems=pending)
+                found.update(item[pk]["S"] for item in answer["Responses"].get(table, []))
+                pending = answer.get("UnprocessedKeys") or None
+        return found
+
     def create_table(
         self, name: str, pk: str = "pk", sk: str | None = None, stream: bool = False, timeout: float = 10.0
     ) -> dict[str, Any]:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from sidecar.config import config_from_data
 from sidecar.core.controller import Move, State
-from sidecar.core.health import Cause, HealthState
+from sidecar.core.health import Cause, HealthState, combine
 from sidecar.engine import active_weights
 from sidecar.failover import STATE_FILE, load_state, save_state
-from sidecar.monitor import combine, fast_interval
+from sidecar.monitor import fast_interval
 
 
 def test_combine_the_worse_of_reads_and_writes_wins() -> None:

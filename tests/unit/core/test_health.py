@@ -106,3 +106,15 @@ def test_a_recovering_region_stays_down_for_the_reason_it_went_down() -> None:
     from sidecar.core.controller import RegionView
 
     assert RegionView.from_health("us-east-1", s).outage
+
+
+def test_a_stall_needs_the_timeout_or_strong_evidence() -> None:
+    from sidecar.core.health import stalled
+
+    assert stalled(0.81, 0.8, expected=0, waiting=1)  # a full timeout of silence
+    assert not stalled(0.5, 0.8, expected=1000, waiting=100)  # under 3/4 of it: never
+    assert stalled(0.61, 0.8, expected=120, waiting=120)  # busy region: 600 ms of silence, dozens waiting
+    # the CI false move: a loaded server's 434 ms hiccup, 4 requests waiting, 17 answers due
+    assert not stalled(0.434, 0.8, expected=17, waiting=4)
+    assert not stalled(0.7, 0.8, expected=49, waiting=50)
+    assert not stalled(0.7, 0.8, expected=200, waiting=9)
