@@ -144,11 +144,9 @@ async def _run(config: Config, config_path: Path) -> int:
 
     def reload() -> None:
         try:
-            new = load_config(config_path)
+            daemon.reload_config_file(only_if_changed=False)
         except ConfigError as exc:
             logger.error("SIGHUP: config not reloaded, keeping the running one: %s", "; ".join(exc.problems))
-            return
-        daemon.reload(new)
 
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
 import logging
 import socket
 import time
@@ -131,6 +132,9 @@ class Daemon:
         self.switchover_lock = asyncio.Lock()
         self._failback_retry_at = 0.0
         self._render_task: asyncio.Task[None] | None = None
+        self._config_digest: str | None = None
+        if config_path is not None and config_path.is_file():
+            self._config_digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
         self.watcher: FileWatcher | None = None
         self._render_lock = asyncio.Lock()
         self._confirmed_weights: dict[str, int] | None = None
@@ -282,7 +286,7 @@ class Daemon:
         """The template or the config file changed: reload the config, re-render, reload HAProxy."""
         if self.config_path is not None and self.config_path.resolve() in {p.resolve() for p in changed}:
             try:
-                new = await asyncio.to_thread(load_config, self.config_path)
+                self.reload_config_file(only_if_changed=True)
             except ConfigError as exc:
                 self.event(
                     "reload-refused",
@@ -290,7 +294,6 @@ class Daemon:
                     + "; ".join(exc.problems),
                 )
                 return
-            self.reload(new)
         await self.rerender(reload=True, why=", ".join(sorted(p.name for p in changed)) + " changed")
 
     async def rerender(self, *, reload: bool, why: str) -> bool:
@@ -365,6 +368,20 @@ class Daemon:
 
     def request_stop(self) -> None:
         self.stopped.set()
+
+    def reload_config_file(self, *, only_if_changed: bool) -> bool:
+        """Load `config_path` and apply it (SIGHUP: always; the watcher: only when its bytes differ from the
+        last applied, so an edit followed by a SIGHUP is applied once). ConfigError when it is invalid."""
+        assert self.config_path is not None
+        try:
+            digest: str | None = hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+        except OSError:
+            digest = None  # load_config says what is wrong with the file
+        if only_if_changed and digest is not None and digest == self._config_digest:
+            return False
+        self.reload(load_config(self.config_path))
+        self._config_digest = digest
+        return True
 
     def reload(self, config: Config) -> list[str]:
         """Apply a changed config; return what needs a restart to take effect."""
