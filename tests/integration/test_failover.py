@@ -12,20 +12,19 @@ come from `make bench-failover`, not from timed tests on a shared machine.
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
 
 from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
 from tests.support.stack import HEALTH_TABLE, SidecarStack, new_app_table
+from tests.support.traffic import Traffic, put
 from tests.support.wait import wait_until
 
 HOME, OTHER = "us-east-1", "eu-west-1"
@@ -88,10 +87,6 @@ def app_client(stack: SidecarStack, timeout: float = 2.0) -> Any:
     return stack.client(connect_timeout=timeout, read_timeout=timeout)
 
 
-def put(client: Any, table: str, key: str) -> None:
-    client.put_item(TableName=table, Item={"pk": {"S": key}, "v": {"S": "x"}})
-
-
 def where(moto_regions: dict[str, MotoRegion], table: str, key: str) -> set[str]:
     """The regions whose own data holds `key` (read from moto directly, not through the sidecar)."""
     found = set()
@@ -116,48 +111,6 @@ def wait_moved(stack: SidecarStack, to: str, bound: float) -> float:
     started = time.monotonic()
     wait_until(lambda: active(stack) == to, bound, interval=0.02, message=f"traffic moved to {to}")
     return time.monotonic() - started
-
-
-@dataclass
-class Traffic:
-    """The application: a thread writing new items through the stable address at a steady pace."""
-
-    stack: SidecarStack
-    table: str
-    rate: float = 40.0
-    acked: list[tuple[float, str, str]] = field(default_factory=list)  # (time, key, region in status)
-    failed: list[tuple[float, str]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> Traffic:
-        for i in range(4):
-            t = threading.Thread(target=self._run, args=(i,), daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
-
-    def _run(self, worker: int) -> None:
-        client = self.stack.client(
-            connect_timeout=2, read_timeout=2, retries={"total_max_attempts": 1, "mode": "standard"}
-        )
-        interval = 4 / self.rate
-        while not self._stop.is_set():
-            key = f"w{worker}-{uuid.uuid4().hex[:10]}"
-            try:
-                put(client, self.table, key)
-                self.acked.append((time.monotonic(), key, ""))
-            except (ClientError, BotoCoreError) as exc:
-                self.failed.append((time.monotonic(), type(exc).__name__))
-            self._stop.wait(interval)
-
-    def acked_after(self, t: float) -> list[str]:
-        return [key for at, key, _ in self.acked if at > t]
 
 
 FAULTS = [

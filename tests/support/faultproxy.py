@@ -26,16 +26,19 @@ Modes (`set_mode` returns once the mode is in force):
                        answer reaches the client
   delay                seconds=S: hold each request S s before forwarding it and each response S s before
                        relaying it (a one-way latency each way: a round trip gets 2*S longer)
+  hold                 seconds=S: hold each request S s before forwarding it; the answer is relayed at once
+                       (a request that takes the region S s longer: with operation=Scan, slow Scans)
   http_error           answer every request with a DynamoDB-shaped error, keep-alive: status (500),
                        code (InternalServerError; ServiceUnavailableException for 503), message
   throttle             the same with status 400 and code ProvisionedThroughputExceededException (or e.g.
                        code="ThrottlingException")
 
 The mode is looked up for every request, on new and kept-alive connections alike, so tests need not care
-when a connection was opened. Two parameters narrow the request modes (blackhole, reset_after_request,
-delay, http_error, throttle):
+when a connection was opened. Three parameters narrow the request modes (blackhole, reset_after_request,
+delay, hold, http_error, throttle):
   match=TEXT  only requests whose bytes contain TEXT get the fault; the others pass (e.g. a table name, to
               leave the sidecar's health probes alone)
+  operation=NAME  only requests of that operation (X-Amz-Target without its prefix, e.g. Scan)
   times=N     only the next N matching requests get it; then the proxy is back in mode pass
 
 Counters (`state()`, `requests()`, `connections()`): connections by the mode in force when they were
@@ -69,23 +72,35 @@ from .wait import wait_until
 
 logger = logging.getLogger("faultproxy")
 
-MODES = ("pass", "blackhole", "refuse", "reset", "reset_after_request", "delay", "http_error", "throttle")
-# Modes decided per request; `match` and `times` apply to these.
-REQUEST_MODES = frozenset({"blackhole", "reset_after_request", "delay", "http_error", "throttle"})
+MODES = (
+    "pass",
+    "blackhole",
+    "refuse",
+    "reset",
+    "reset_after_request",
+    "delay",
+    "hold",
+    "http_error",
+    "throttle",
+)
+# Modes decided per request; `match`, `operation` and `times` apply to these.
+REQUEST_MODES = frozenset({"blackhole", "reset_after_request", "delay", "hold", "http_error", "throttle"})
 DYNAMODB = "com.amazonaws.dynamodb.v20120810"
 _REASONS = {400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_HEAD = 1024 * 1024
 # How long reset_after_request waits for the region's first response byte before resetting anyway.
 _RESET_WAIT = 10.0
+_NARROW = {"match", "operation", "times"}
 _PARAMS: dict[str, set[str]] = {
     "pass": set(),
     "refuse": set(),
     "reset": set(),
-    "blackhole": {"match", "times"},
-    "reset_after_request": {"match", "times"},
-    "delay": {"seconds", "match", "times"},
-    "http_error": {"status", "code", "message", "match", "times"},
-    "throttle": {"status", "code", "message", "match", "times"},
+    "blackhole": _NARROW,
+    "reset_after_request": _NARROW,
+    "delay": {"seconds", *_NARROW},
+    "hold": {"seconds", *_NARROW},
+    "http_error": {"status", "code", "message", *_NARROW},
+    "throttle": {"status", "code", "message", *_NARROW},
 }
 
 
@@ -100,6 +115,7 @@ class Mode:
     code: str = ""
     message: str = ""
     match: str | None = None
+    operation: str | None = None
     times: int | None = None  # requests left before falling back to pass; None: no limit
 
     @classmethod
@@ -112,14 +128,14 @@ class Mode:
             raise ValueError(
                 f"mode {name} takes {sorted(_PARAMS[name]) or 'no parameters'}, not {sorted(unknown)}"
             )
-        mode = cls(name, match=params.get("match"))
+        mode = cls(name, match=params.get("match"), operation=params.get("operation"))
         if params.get("times") is not None:
             mode.times = int(params["times"])
             if mode.times < 1:
                 raise ValueError("times must be at least 1")
-        if name == "delay":
+        if name in ("delay", "hold"):
             if "seconds" not in params:
-                raise ValueError("mode delay needs seconds=")
+                raise ValueError(f"mode {name} needs seconds=")
             mode.seconds = float(params["seconds"])
             if mode.seconds < 0:
                 raise ValueError("seconds must not be negative")
@@ -258,7 +274,11 @@ class FaultProxyServer:
     def _mode_for(self, req: _Request) -> Mode:
         """The mode this request gets, spending one of `times`."""
         mode = self.mode
-        if mode.name not in REQUEST_MODES or (mode.match is not None and mode.match.encode() not in req.raw):
+        if (
+            mode.name not in REQUEST_MODES
+            or (mode.match is not None and mode.match.encode() not in req.raw)
+            or (mode.operation is not None and mode.operation != req.op)
+        ):
             return PASS
         if mode.times is not None:
             mode.times -= 1
@@ -305,10 +325,10 @@ class FaultProxyServer:
             elif mode.name == "reset_after_request":
                 await self._forward_then_reset(client, req)
                 return
-            else:  # pass, delay
+            else:  # pass, delay, hold
                 if mode.seconds:
                     await asyncio.sleep(mode.seconds)
-                client.hold = mode.seconds
+                client.hold = mode.seconds if mode.name == "delay" else 0.0
                 if not await self._forward(client, req):
                     return
 
