@@ -165,7 +165,6 @@ class Daemon:
                 name=region.name,
             )
             runtime = RegionRuntime(region.name, signer, pool, self.credentials.current, self.policy)
-            runtime.slow_after = cfg.health.slow
             runtime.fence = self.fence
             self.regions[region.name] = runtime
             probe_pool = UpstreamPool(
@@ -398,7 +397,7 @@ class Daemon:
         self.config = config.model_copy(update={k: getattr(old, k) for k in needs_restart})
         for monitor in self.monitors.values():
             monitor.pool.request_timeout = self.config.health.timeout
-            monitor.runtime.slow_after = self.config.health.slow
+            monitor.refresh_thresholds()  # health.slow may have changed
         self.event(
             "reload",
             "config reloaded" + (f"; restart to apply {', '.join(needs_restart)}" if needs_restart else ""),

@@ -9,9 +9,12 @@ The classification and the fall/rise arithmetic are pure (`sidecar.core.health`)
   intervals instead of `fall` intervals; `probe_now()` sends one at once (the controller asks for it before
   a move, to see that the target answers *now*);
 - passive signals: the listener reports upstream failures, 5xx and slow answers of real requests (and every
-  answer while the region is suspect); `sweep()` notices requests waiting past `health.timeout` with no
-  answer at all from the region in that time (a blackhole), so a busy app is protected before the next
-  probe times out.
+  answer while the region is suspect), slow judged per latency class (`core.latency`: a Scan against
+  Scans); `sweep()` watches requests that wait with no answer from the region: past half of
+  `health.timeout` it probes now, and the silence becomes an outage only with evidence
+  (`core.health.judge_silence`: a probe sent during it unanswered, or single-item requests waiting 10x
+  their p99), so a blackhole under traffic is seen before the next probe times out while slow Scans at a
+  healthy region are not.
 Recovery (`rise`) is seen by probes and traffic alike; nothing here decides about traffic.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,13 +34,15 @@ from sidecar.core.health import (
     Cause,
     HealthState,
     ProbeOutcome,
+    Silence,
     classify_failure,
     classify_response,
     combine,
     error_code,
+    judge_silence,
     observe,
-    stalled,
 )
+from sidecar.core.latency import CLASSES, LatencyClass, p99, slow_after
 from sidecar.proxy.listener import RegionRuntime
 from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -46,6 +51,8 @@ logger = logging.getLogger(__name__)
 READ_TARGET = "DynamoDB_20120810.GetItem"
 WRITE_TARGET = "DynamoDB_20120810.PutItem"
 MAX_OUTSTANDING = 4  # overlapping probes per region at most
+THRESHOLDS_EVERY = 1.0  # seconds between recomputations of the per-class latency thresholds
+PROBE_HISTORY = 64  # probe answer latencies remembered for the probe p99
 
 
 def canary_key(region: str) -> dict[str, Any]:
@@ -75,7 +82,6 @@ class RegionMonitor:
         self._config = config
         self._on_change = on_change
         self._on_quiet = on_quiet
-        self._quiet_noted_at = 0.0
         self.answer_rate = 0.0  # answers per second from app traffic, a ~1 s moving average
         self._answers_seen = 0
         self._answers_at = 0.0
@@ -84,13 +90,24 @@ class RegionMonitor:
         self.state = HealthState()
         self.outcomes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (source, cause) -> count
         self.probe_latency: float | None = None
-        self._outstanding: dict[int, float] = {}  # probe id -> monotonic start
+        self._probe_latencies: deque[float] = deque(maxlen=PROBE_HISTORY)
+        self._outstanding: dict[int, float] = {}  # probe id -> loop.time() start
+        # Probes as the silence rule sees them (time.monotonic(), the listener's clock): the latest sent,
+        # the latest answered, and the start of the latest that ended without an answer.
+        self._probe_sent_at: dict[int, float] = {}
+        self._last_probe_sent = 0.0
+        self._last_probe_answered = 0.0
+        self._probe_failed_sent = 0.0
+        self._looked_at = 0.0  # when the silence rule last asked for a probe (one may not have gone out)
+        self._fast_p99: float | None = None
+        self._thresholds_at = 0.0
         self._ids = 0
         self._wake = asyncio.Event()
         self._count = 0
         self._stall_reported_at = 0.0
         self._last_failure_at = 0.0  # wall time of the latest outage observation
         runtime.watch = self.traffic
+        self.refresh_thresholds()
 
     # -- observations
     def observe(self, outcome: ProbeOutcome, source: str, *, write: bool = False) -> None:
@@ -124,16 +141,18 @@ class RegionMonitor:
             self._on_change(self, before)
 
     def traffic(self, status: int | None, body: bytes | None, latency: float, error: UpstreamError | None,
-                write: bool) -> None:  # fmt: skip
-        """A real request's outcome (called by the listener only when it may matter: failures, 5xx, slow
-        answers, and any answer while the region is suspect)."""
+                write: bool, cls: LatencyClass = LatencyClass.POINT) -> None:  # fmt: skip
+        """A real request's outcome (called by the listener only when it may matter: failures, 5xx, answers
+        slow for their latency class, and any answer while the region is suspect)."""
         try:
             if error is not None:
                 outcome = classify_failure(error.kind, f"app request: {error.detail}")
             else:
                 assert status is not None and body is not None
                 code = error_code(status, body) if status >= 500 else None
-                outcome = classify_response(status, code, latency, self._config().health.slow)
+                outcome = classify_response(
+                    status, code, latency, self.runtime.slow_after[cls], what=f"{cls.name.lower()} request"
+                )
             if not outcome.is_outage and time.time() - latency < self._last_failure_at:
                 # Sent before the latest failure was seen: a late answer to an old request says nothing
                 # about the region now (requests already at the region when a fault began still answer).
@@ -142,13 +161,53 @@ class RegionMonitor:
         except Exception:  # the data path must never fail because of health bookkeeping
             logger.exception("region %s: recording a traffic outcome failed", self.name)
 
-    def sweep(self, now: float) -> None:
-        """A blackhole under traffic: requests are waiting and the region has answered nothing for a while.
+    def refresh_thresholds(self, now: float | None = None) -> None:
+        """Recompute the per-class slow thresholds and the fast requests' p99 from recent answers (only the
+        classes with new answers, when called from the sweep at `now`; all of them otherwise)."""
+        rt = self.runtime
+        base = self._config().health.slow
+        changed = rt.latencies.changed() if now is not None else list(CLASSES)
+        for cls in changed:
+            rt.slow_after[cls] = slow_after(cls, rt.latencies.p99(cls), rt.latencies.count(cls), base)
+        if LatencyClass.POINT in changed:
+            self._fast_p99 = rt.latencies.p99(LatencyClass.POINT)
+        if now is not None:
+            self._thresholds_at = now
 
-        The verdict is `core.health.stalled` (after `health.timeout` of silence, or 3/4 of it on strong
-        evidence). Counts as one timeout per waiting request (at most `fall`), once per stall. Half-way to the timeout
-        the region is looked at closer: a probe now and the others probed (`on_quiet`), so the move, if it
-        comes, waits for nothing.
+    def silence(self, now: float) -> Silence | None:
+        """The region's silence as `core.health.judge_silence` reads it; None while nothing waits."""
+        rt = self.runtime
+        waiting = rt.stats.in_flight
+        if waiting <= 0:
+            return None
+        cfg = self._config().health
+        quiet_since = max(rt.last_answer, rt.busy_since)
+        quiet = now - quiet_since
+        fast_quiet = now - max(rt.fast_last_answer, rt.fast_busy_since) if rt.fast_in_flight > 0 else 0.0
+        answered = self._last_probe_answered
+        pending = [t for t in self._probe_sent_at.values() if t >= quiet_since and t > answered]
+        failed = self._probe_failed_sent
+        asked = max(self._last_probe_sent, self._looked_at)
+        return Silence(
+            quiet=quiet,
+            waiting=waiting,
+            expected=self.answer_rate * quiet,
+            timeout=cfg.timeout,
+            fast_quiet=fast_quiet,
+            fast_waiting=max(rt.fast_in_flight, 0),
+            fast_p99=self._fast_p99,
+            probe_sent_ago=now - asked if asked >= quiet_since else None,
+            probe_pending_for=now - min(pending) if pending else None,
+            probe_failed=failed >= quiet_since and failed > answered,
+            probe_p99=p99(self._probe_latencies),
+        )
+
+    def sweep(self, now: float) -> None:
+        """Requests waiting with no answer from the region: look closer, and call it a stall on evidence.
+
+        The verdict is `core.health.judge_silence`; this only measures and acts. A look probes this region
+        now and the others too (`on_quiet`), so the move, if it comes, waits for nothing. A stall counts as
+        one timeout per waiting request (at most `fall`), once per silence.
         """
         rt = self.runtime
         dt = now - self._answers_at
@@ -159,27 +218,26 @@ class RegionMonitor:
                 rate = (rt.answers - self._answers_seen) / dt
                 self.answer_rate += (rate - self.answer_rate) * min(1.0, dt)  # ~1 s moving average
             self._answers_seen, self._answers_at = rt.answers, now
-        if rt.stats.in_flight <= 0:
+        if now - self._thresholds_at >= THRESHOLDS_EVERY:
+            self.refresh_thresholds(now)
+        silence = self.silence(now)
+        if silence is None:
             return
-        cfg = self._config().health
-        quiet_since = max(rt.last_answer, rt.busy_since)
-        quiet = now - quiet_since
-        if quiet <= cfg.timeout / 2:
-            return
-        if self._quiet_noted_at < quiet_since:
-            self._quiet_noted_at = now
-            self.probe_now()
+        verdict = judge_silence(silence)
+        if verdict.look:
+            self._looked_at = now
+            self._probe_immediately()
             if self._on_quiet is not None:
                 self._on_quiet(self)
-        waiting = rt.stats.in_flight
-        expected = self.answer_rate * quiet
-        if not stalled(quiet, cfg.timeout, expected, waiting) or self._stall_reported_at >= quiet_since:
+        quiet_since = now - silence.quiet
+        if not verdict.stalled or self._stall_reported_at >= quiet_since:
             return
         self._stall_reported_at = now
-        detail = f"{waiting} app request(s) waiting, no answer from {self.name} for {quiet * 1000:.0f} ms" + (
-            f" (~{expected:.0f} expected at its recent rate)" if quiet <= cfg.timeout else ""
+        detail = (
+            f"{silence.waiting} app request(s) waiting, no answer from {self.name} for "
+            f"{silence.quiet * 1000:.0f} ms; {verdict.evidence}"
         )
-        for _ in range(min(waiting, cfg.fall)):
+        for _ in range(min(silence.waiting, self._config().health.fall)):
             self.observe(ProbeOutcome(Cause.TIMEOUT, detail), "traffic")
 
     # -- probes
@@ -213,6 +271,11 @@ class RegionMonitor:
                 if self._hurry(now, fast):
                     next_at = min(next_at, now)
 
+    def _probe_immediately(self) -> None:
+        """Send a probe now (the silence rule needs one sent during the silence, not at the next tick)."""
+        if len(self._outstanding) < MAX_OUTSTANDING:
+            self._launch(asyncio.get_running_loop())
+
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._count += 1
         cfg = self._config()
@@ -229,22 +292,26 @@ class RegionMonitor:
         self._ids += 1
         probe_id = self._ids
         started = loop.time()
-        self._outstanding[probe_id] = started
         source = "write probe" if write else "probe"
         try:
             head = self.runtime.signer.request_head(self.runtime.credentials(), target, body, time.time())
         except Exception as exc:  # credentials unusable: not the region's fault
-            del self._outstanding[probe_id]
             self.observe(ProbeOutcome(Cause.AUTH, f"cannot sign the probe: {type(exc).__name__}"), source)
             return
+        self._outstanding[probe_id] = started
+        sent = self._last_probe_sent = self._probe_sent_at[probe_id] = time.monotonic()
 
         def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
             self._outstanding.pop(probe_id, None)
+            self._probe_sent_at.pop(probe_id, None)
             latency = loop.time() - started
             if error is not None:
+                self._probe_failed_sent = max(self._probe_failed_sent, sent)
                 outcome = classify_failure(error.kind, error.detail)
             else:
                 assert response is not None
+                self._last_probe_answered = time.monotonic()
+                self._probe_latencies.append(latency)
                 self.probe_latency = latency
                 outcome = classify_response(
                     response.status,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 import orjson
 
+from sidecar.core.latency import SLOW_FACTOR
+
 
 class Cause(enum.StrEnum):
     OK = "ok"
@@ -80,8 +82,11 @@ def error_code(status: int, body: bytes) -> str | None:
     return None
 
 
-def classify_response(status: int, error_code: str | None, latency: float, slow_after: float) -> ProbeOutcome:
-    """A probe that got an HTTP answer: what does it say about the region?"""
+def classify_response(
+    status: int, error_code: str | None, latency: float, slow_after: float, what: str = ""
+) -> ProbeOutcome:
+    """A probe (or app request: `what` names it) that got an HTTP answer: what does it say about the region?
+    `slow_after` may be infinite (an expected-long request with no history to judge it by)."""
     if status >= 500:
         if error_code in _THROTTLING:
             return ProbeOutcome(Cause.THROTTLED, f"HTTP {status} {error_code}", latency)
@@ -95,7 +100,7 @@ def classify_response(status: int, error_code: str | None, latency: float, slow_
     if latency > slow_after:
         return ProbeOutcome(
             Cause.SLOW,
-            f"answered in {latency * 1000:.0f} ms (slow above {slow_after * 1000:.0f} ms)",
+            f"{what + ' ' if what else ''}answered in {latency * 1000:.0f} ms (slow above {slow_after * 1000:.0f} ms)",
             latency,
         )
     return ProbeOutcome(Cause.OK, f"HTTP {status}", latency)
@@ -211,14 +216,105 @@ FAST_STALL_EXPECTED = 50
 
 
 def stalled(quiet: float, timeout: float, expected: float, waiting: int) -> bool:
-    """Is a region that has answered nothing for `quiet` seconds, while `waiting` requests wait and its
-    recent rate promised `expected` answers in that time, stalled (a blackhole)?
+    """Has a region that answered nothing for `quiet` seconds, while `waiting` requests wait and its recent
+    rate promised `expected` answers in that time, been silent long enough to be called stalled?
 
     After `timeout` of silence, yes. Sooner (from 3/4 of it) only on strong evidence: at least 10 requests
     waiting and 50 answers due (200 requests a second, 600 ms of total silence). A hiccup of a loaded
     server (430 ms seen here, 4 requests waiting) moved traffic for nothing when half the timeout and fewer
-    waiting sufficed.
+    waiting sufficed. Silence alone is not enough: see `judge_silence`.
     """
     if quiet > timeout:
         return True
     return quiet > timeout * FAST_STALL and expected >= FAST_STALL_EXPECTED and waiting >= FAST_STALL_WAITING
+
+
+# Silence past this fraction of health.timeout is a reason to look closer: probe now (and the others).
+LOOK_AFTER = 0.5
+# A probe started during a silence has failed to answer after this many times the region's recent probe
+# p99, at least PROBE_FLOOR, at most health.timeout (when the probe itself times out).
+PROBE_FACTOR = 10.0
+PROBE_FLOOR = 0.1
+# A request that should be fast has waited too long after this many times its class's p99, at least this.
+FAST_FLOOR = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Silence:
+    """What the shell sees of a region while app requests wait at it. Durations in seconds.
+
+    `quiet`: no answer to any app request for this long while requests waited. `fast_quiet`: the same for
+    the requests that should be fast (point operations with a small body, `core.latency.LatencyClass.POINT`);
+    0 when none waits. Probes sent during this silence: `probe_sent_ago`, the latest was sent this long ago
+    (None: none yet); `probe_pending_for`, the oldest one still unanswered, with no probe answered since
+    it was sent, has waited this long (None: none); `probe_failed`, one ended without an answer and no
+    probe has answered since it was sent.
+    """
+
+    quiet: float
+    waiting: int
+    expected: float
+    timeout: float
+    fast_quiet: float = 0.0
+    fast_waiting: int = 0
+    fast_p99: float | None = None
+    probe_sent_ago: float | None = None
+    probe_pending_for: float | None = None
+    probe_failed: bool = False
+    probe_p99: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SilenceVerdict:
+    look: bool = False  # probe this region now (and the others)
+    stalled: bool = False  # an outage: the waiting requests will not be answered
+    evidence: str = ""  # why, for the cause an operator reads
+
+
+QUIET = SilenceVerdict()
+
+
+def probe_overdue(probe_p99: float | None, timeout: float) -> float:
+    """How long a probe may go unanswered before that is evidence the region stopped answering."""
+    limit = max(PROBE_FACTOR * probe_p99, PROBE_FLOOR) if probe_p99 is not None else PROBE_FLOOR
+    return min(limit, timeout)
+
+
+def fast_limit(fast_p99: float | None) -> float:
+    """How long a request that should be fast may wait before that is evidence of a stall."""
+    return max(SLOW_FACTOR * fast_p99, FAST_FLOOR) if fast_p99 is not None else FAST_FLOOR
+
+
+def judge_silence(s: Silence) -> SilenceVerdict:
+    """Is a region that leaves app requests waiting stalled (a blackhole), or only slow at what it was asked?
+
+    Silence seen only by traffic is a reason to look closer (probe now), never a verdict on its own: four
+    Scans of a healthy region that each take 1.2 s leave it silent for 1.2 s. The silence becomes evidence
+    once it is long enough (`stalled`: health.timeout, or 3/4 of it under heavy traffic) AND either
+    - a probe started during the silence failed to answer (it ended without an answer, or has gone
+      unanswered for `probe_overdue`), or
+    - requests that should be fast are among those waiting, and have waited 10x their class's recent p99.
+    A probe answered after another was sent cancels that one's evidence (the region was alive since). It
+    does not veto the second kind: a region that answers its probes but not the app's GetItems is failing
+    the app.
+    """
+    if s.waiting <= 0 or s.quiet <= s.timeout * LOOK_AFTER:
+        return QUIET
+    # Look once per half-timeout of silence, when no probe from this silence is still out.
+    look = s.probe_sent_ago is None or (
+        s.probe_pending_for is None and s.probe_sent_ago > s.timeout * LOOK_AFTER
+    )
+    if not stalled(s.quiet, s.timeout, s.expected, s.waiting):
+        return SilenceVerdict(look=look)
+    reasons = []
+    if s.probe_failed:
+        reasons.append("a probe sent during the silence failed")
+    elif s.probe_pending_for is not None and s.probe_pending_for >= probe_overdue(s.probe_p99, s.timeout):
+        reasons.append(f"a probe sent during the silence unanswered for {s.probe_pending_for * 1000:.0f} ms")
+    limit = fast_limit(s.fast_p99)
+    if s.fast_waiting > 0 and s.fast_quiet >= limit:
+        usual = f" (over {limit * 1000:.0f} ms, {SLOW_FACTOR:g}x their recent p99)" if s.fast_p99 else ""
+        reasons.append(f"{s.fast_waiting} single-item request(s) waiting {s.fast_quiet * 1000:.0f} ms{usual}")
+    if not reasons:
+        return SilenceVerdict(look=look)
+    return SilenceVerdict(look=look, stalled=True, evidence="; ".join(reasons))

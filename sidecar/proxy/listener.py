@@ -23,6 +23,7 @@ import httptools
 from sidecar.core import errors
 from sidecar.core.errors import DynamoError
 from sidecar.core.gate import Admitted, GatePolicy, admit
+from sidecar.core.latency import CLASSES, LatencyClass, RecentLatencies, latency_class
 from sidecar.core.operations import OpKind, operation_from_target
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.sigv4 import ClientVerifier, Credentials, DynamoDBRequestSigner
@@ -82,17 +83,18 @@ class RegionHealth:
         return self.state == "up"
 
 
-# (status, body, latency, error, is_write): a request's outcome for the region's health monitor.
-TrafficWatch = Callable[[int | None, bytes | None, float, UpstreamError | None, bool], None]
+# (status, body, latency, error, is_write, latency class): a request's outcome for the region's health monitor.
+TrafficWatch = Callable[[int | None, bytes | None, float, UpstreamError | None, bool, LatencyClass], None]
 
 
 class RegionRuntime:
     """Everything a listener needs for its region; shared with the health monitor and the admin API.
 
     Passive health signals: the listener reports to `watch` only what may matter (upstream failures, 5xx,
-    answers slower than `slow_after`, and every answer while `suspect`), so a healthy region costs one
-    comparison per request. `last_answer` and `busy_since` (monotonic) let the monitor see a blackhole:
-    requests waiting and no answer for a while.
+    answers slower than their class's `slow_after`, and every answer while `suspect`), so a healthy region
+    costs a comparison per request. Every answer's latency goes into `latencies` (per class: a Scan is
+    judged against Scans). `last_answer` and `busy_since` (monotonic) let the monitor see a blackhole:
+    requests waiting and no answer for a while; `fast_*` the same for the requests that should be fast.
     """
 
     def __init__(
@@ -112,10 +114,15 @@ class RegionRuntime:
         self.stats = RegionStats()
         self.watch: TrafficWatch | None = None
         self.suspect = False
-        self.slow_after = 2.0
+        # per LatencyClass; set by the monitor from `latencies` (expected-long classes: inf until known)
+        self.slow_after = [2.0 if cls is LatencyClass.POINT else float("inf") for cls in CLASSES]
+        self.latencies = RecentLatencies()
         self.last_answer = 0.0
         self.busy_since = 0.0
         self.answers = 0
+        self.fast_in_flight = 0
+        self.fast_busy_since = 0.0
+        self.fast_last_answer = 0.0
         self.writes_in_flight = 0
         # Switchover: the fence shared by every listener, and (after one) the active region this listener's
         # stray writes go to, so that no write lands in the old region once the new one took over.
@@ -387,24 +394,35 @@ class RegionListener(asyncio.Protocol):
         write = decision.kind in _FENCED
         if write:
             region.writes_in_flight += 1
+        cls = latency_class(decision.operation.name, len(body))
+        fast = cls is LatencyClass.POINT
+        if fast:
+            if not region.fast_in_flight:
+                region.fast_busy_since = started
+            region.fast_in_flight += 1
 
         def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
             region.stats.in_flight -= 1
             if write:
                 region.writes_in_flight -= 1
+            if fast:
+                region.fast_in_flight -= 1
             self._busy = False
             now = time.monotonic()
             if response is not None:
                 region.last_answer = now
                 region.answers += 1
                 latency = now - started
+                region.latencies.record(cls, latency)
+                if fast:
+                    region.fast_last_answer = now
                 region.stats.upstream_latency.observe(latency)
                 region.stats.requests[(decision.operation.name, response.status)] += 1
                 watch = region.watch
                 if watch is not None and (
-                    response.status >= 500 or latency > region.slow_after or region.suspect
+                    response.status >= 500 or latency > region.slow_after[cls] or region.suspect
                 ):
-                    watch(response.status, response.body, latency, None, write)
+                    watch(response.status, response.body, latency, None, write, cls)
                 self._write_response(response, req.keep_alive)
             else:
                 assert error is not None
@@ -418,7 +436,7 @@ class RegionListener(asyncio.Protocol):
                 region.stats.upstream_errors[type(error).__name__] += 1
                 region.stats.requests[(decision.operation.name, err.status)] += 1
                 if region.watch is not None:
-                    region.watch(None, None, now - started, error, write)
+                    region.watch(None, None, now - started, error, write, cls)
                 self._write(_error_response(err, close=not req.keep_alive), req.keep_alive)
             self._next()
 
