@@ -10,7 +10,7 @@ The classification and the fall/rise arithmetic are pure (`sidecar.core.health`)
   a move, to see that the target answers *now*);
 - passive signals: the listener reports upstream failures, 5xx and slow answers of real requests (and every
   answer while the region is suspect), slow judged per latency class (`core.latency`: a Scan against
-  Scans); `sweep()` watches requests that wait with no answer from the region: past half of
+  Scans); `sweep()` watches requests that wait with no answer from the region: past a quarter of
   `health.timeout` it probes now, and the silence becomes an outage only with evidence
   (`core.health.judge_silence`: a probe sent during it unanswered, or single-item requests waiting 10x
   their p99), so a blackhole under traffic is seen before the next probe times out while slow Scans at a

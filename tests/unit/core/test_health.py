@@ -135,7 +135,7 @@ def _silence(**kw: object) -> object:
 def test_silence_below_half_the_timeout_is_nothing() -> None:
     from sidecar.core.health import judge_silence
 
-    v = judge_silence(_silence(quiet=0.39, waiting=4, fast_quiet=0.39, fast_waiting=4))
+    v = judge_silence(_silence(quiet=0.19, waiting=4, fast_quiet=0.19, fast_waiting=4))
     assert not v.look and not v.stalled
     assert judge_silence(_silence(quiet=5.0, waiting=0)) == judge_silence(_silence())
 
@@ -144,15 +144,15 @@ def test_the_issue_case_four_slow_scans_at_a_region_that_answers_its_probes() ->
     """Four Scans of 1.2 s, the app otherwise idle, probes answered in ~1 ms: look, never a stall."""
     from sidecar.core.health import judge_silence
 
-    # half-way: look (probe now)
-    assert judge_silence(_silence(quiet=0.45, waiting=4)).look
-    # the probe sent at 0.4 s answered: nothing pending, nothing failed; past the timeout, still no stall
+    # a quarter of the timeout: look (probe now)
+    assert judge_silence(_silence(quiet=0.21, waiting=4)).look
+    # the probe sent then answered: nothing pending, nothing failed; past the timeout, still no stall
     for quiet in (0.81, 1.0, 1.19):
-        v = judge_silence(_silence(quiet=quiet, waiting=4, probe_sent_ago=quiet - 0.4, probe_p99=0.001))
+        v = judge_silence(_silence(quiet=quiet, waiting=4, probe_sent_ago=0.1, probe_p99=0.001))
         assert not v.stalled, quiet
-    # once the last probe is half a timeout old, look again (a blackhole could begin mid-Scan)
-    assert judge_silence(_silence(quiet=0.81, waiting=4, probe_sent_ago=0.41)).look
-    assert not judge_silence(_silence(quiet=0.81, waiting=4, probe_sent_ago=0.2)).look
+    # once the last probe is a quarter of the timeout old, look again (a blackhole could begin mid-Scan)
+    assert judge_silence(_silence(quiet=0.81, waiting=4, probe_sent_ago=0.21)).look
+    assert not judge_silence(_silence(quiet=0.81, waiting=4, probe_sent_ago=0.1)).look
     # 2.5 s Scans too
     v = judge_silence(_silence(quiet=2.4, waiting=4, probe_sent_ago=0.3, probe_p99=0.001))
     assert not v.stalled
@@ -162,8 +162,8 @@ def test_a_probe_sent_during_the_silence_that_does_not_answer_is_evidence() -> N
     from sidecar.core.health import judge_silence, probe_overdue
 
     assert probe_overdue(0.001, T) == 0.1  # the floor
-    assert probe_overdue(0.05, T) == pytest.approx(0.5)
-    assert probe_overdue(0.2, T) == T  # never longer than the probe's own timeout
+    assert probe_overdue(0.05, T) == pytest.approx(0.15)
+    assert probe_overdue(0.5, T) == T  # never longer than the probe's own timeout
     # pending, but not long enough yet
     assert not judge_silence(_silence(quiet=0.81, waiting=2, probe_pending_for=0.05, probe_p99=0.001)).stalled
     v = judge_silence(_silence(quiet=0.81, waiting=2, probe_sent_ago=0.41, probe_pending_for=0.41))
