@@ -128,7 +128,7 @@ class Daemon:
             on_switchover=self._failback_due,
         )
         self.replicator: StreamReplicator | None = None
-        self.fence = WriteFence()
+        self.fence: WriteFence[RegionRuntime] = WriteFence()
         self.switchover_lock = asyncio.Lock()
         self._failback_retry_at = 0.0
         self._render_task: asyncio.Task[None] | None = None

@@ -43,7 +43,7 @@ from sidecar.core.health import (
     observe,
 )
 from sidecar.core.latency import CLASSES, LatencyClass, p99, slow_after
-from sidecar.proxy.listener import RegionRuntime
+from sidecar.proxy.region import RegionRuntime
 from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)

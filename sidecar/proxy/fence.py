@@ -12,22 +12,20 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sidecar.proxy.listener import RegionRuntime
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
-Release = Callable[["RegionRuntime | None"], None]
+# Where released writes go: the listeners' RegionRuntime. Generic, so the fence needs no data-path type.
+Target = TypeVar("Target")
 
 
-class WriteFence:
+class WriteFence(Generic[Target]):
     def __init__(self, max_held: int = 10_000) -> None:
         self.max_held = max_held
         self.closed = False
         self.closed_at: float | None = None
-        self._held: deque[Release] = deque()
+        self._held: deque[Callable[[Target | None], None]] = deque()
         self.held_total = 0
 
     @property
@@ -38,14 +36,14 @@ class WriteFence:
         self.closed = True
         self.closed_at = time.monotonic()
 
-    def hold(self, release: Release) -> bool:
+    def hold(self, release: Callable[[Target | None], None]) -> bool:
         if len(self._held) >= self.max_held:
             return False
         self._held.append(release)
         self.held_total += 1
         return True
 
-    def open(self, to: RegionRuntime | None) -> int:
+    def open(self, to: Target | None) -> int:
         """Release every held write towards `to` (None: where each was going); return how many."""
         self.closed = False
         self.closed_at = None
