@@ -16,12 +16,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from sidecar.config import Config
 from sidecar.core.controller import Switchover
-
-if TYPE_CHECKING:
-    from sidecar.engine import Daemon
+from sidecar.failover import Failover
+from sidecar.haproxy.weights import WeightKeeper
+from sidecar.monitor import RegionMonitor
+from sidecar.proxy.fence import WriteFence
+from sidecar.proxy.region import RegionRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,28 @@ class SwitchoverResult:
         }
 
 
-async def run_switchover(daemon: Daemon, to: str, *, failback: bool = False) -> SwitchoverResult:
+class SwitchoverContext(Protocol):
+    """What a switchover uses of the daemon (and nothing else): the decider, the fence, the regions and
+    their health, replication's view, the weight keeper, the event log."""
+
+    config: Config
+    failover: Failover
+    fence: WriteFence[RegionRuntime]
+    regions: dict[str, RegionRuntime]
+    monitors: dict[str, RegionMonitor]
+    keeper: WeightKeeper
+    switchover_lock: asyncio.Lock
+
+    def event(self, kind: str, reason: str, **extra: Any) -> None: ...
+
+    def lag_ms(self, region: str) -> float | None: ...
+
+    async def replication_caught_up(
+        self, source: str, target: str, since: float, deadline: float
+    ) -> bool: ...
+
+
+async def run_switchover(daemon: SwitchoverContext, to: str, *, failback: bool = False) -> SwitchoverResult:
     failover = daemon.failover
     old = failover.active
     cfg = daemon.config
@@ -115,7 +139,7 @@ async def run_switchover(daemon: Daemon, to: str, *, failback: bool = False) -> 
         )
 
 
-def _refusal(daemon: Daemon, to: str) -> str | None:
+def _refusal(daemon: SwitchoverContext, to: str) -> str | None:
     cfg = daemon.config
     names = [r.name for r in cfg.regions]
     if to not in names:
@@ -135,7 +159,7 @@ def _refusal(daemon: Daemon, to: str) -> str | None:
     return None
 
 
-async def _writes_answered(source: Any, deadline: float) -> bool:
+async def _writes_answered(source: RegionRuntime, deadline: float) -> bool:
     loop = asyncio.get_running_loop()
     while source.writes_in_flight > 0:
         if loop.time() >= deadline:
