@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sidecar.applier import Applier
 from sidecar.config import Address, Config, ConfigError, UnixAddress, load_config
 from sidecar.core.controller import Decision, Intent, desired_weights
 from sidecar.core.gate import GatePolicy
@@ -116,14 +117,14 @@ class Daemon:
             self.runtime, config.haproxy.backend, check_interval=1.0, on_observed=self._weights_observed
         )
         self.notifier = Notifier(config.notify)
+        self.applier = Applier(self.keeper, on_move=self._moved)
         self.heartbeats = Heartbeats(lambda: self.config, self.monitors, lambda: self.failover.active_or_none)
         self.failover = Failover(
             lambda: self.config,
             self.monitors,
-            set_weights=self.keeper.set_desired,
+            apply=self.applier.apply,
             record=self.event,
             notify=self.notifier.notify,
-            on_move=self._moved,
             lag_ms=self.lag_ms,
             on_switchover=self._failback_due,
         )
@@ -189,6 +190,7 @@ class Daemon:
             # persisted decision, else home.
             observed = await self._read_weights_at_start()
             self.failover.start(observed)
+            self.applier.apply(self.failover.desired, "start")  # the keeper applies it once it runs
             self._route_writes_to(self.failover.active)
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
@@ -204,7 +206,6 @@ class Daemon:
             self._spawn(self._sweep(), "listener-sweeper")
             if cfg.haproxy.manage:
                 await self._start_haproxy()
-            self.keeper.set_desired(self.failover.desired)
             self.keeper.start()
             await self.notifier.start()
             if cfg.haproxy.manage:
@@ -390,7 +391,7 @@ class Daemon:
             (r.name, r.proxy, r.url) for r in old.regions
         ]:
             needs_restart.append("regions")
-        for key in ("listen", "admin", "haproxy", "state_dir", "notify"):
+        for key in ("listen", "admin", "haproxy", "state_dir", "notify", "coordination"):
             if getattr(config, key) != getattr(old, key):
                 needs_restart.append(key)
         self._policy = data_path_policy(config)

@@ -104,26 +104,25 @@ def save_state(path: Path, state: State) -> None:
 
 
 class Failover:
-    """Owns the controller's state; everything that changes which region carries traffic goes through it."""
+    """The local decider: owns the controller's state and decides from this host's own view of the regions;
+    what it decides is carried out by the `Applier` (`apply`)."""
 
     def __init__(
         self,
         config: Callable[[], Config],
         monitors: Mapping[str, RegionMonitor],
         *,
-        set_weights: Callable[[dict[str, int]], None],
+        apply: Callable[[Mapping[str, int], str], None],
         record: Callable[..., None],
         notify: Callable[[dict[str, Any]], None],
-        on_move: Callable[[str, str, str], None] | None = None,
         lag_ms: Callable[[str], float | None] | None = None,
         on_switchover: Callable[[str], None] | None = None,
     ) -> None:
         self._config = config
         self.monitors = monitors
-        self._set_weights = set_weights
+        self._apply = apply
         self._record = record
         self._notify = notify
-        self._on_move = on_move
         self._lag_ms = lag_ms
         self._on_switchover = on_switchover
         self.state: State | None = None
@@ -235,15 +234,13 @@ class Failover:
     def _carry_out(self, decision: Decision, before: State) -> None:
         for command in decision.commands:
             if isinstance(command, SetWeights):
-                self._set_weights(dict(command.weights))
+                self._apply(command.weights, decision.reason)
             elif isinstance(command, Persist):
                 self._persist(command.state)
             elif isinstance(command, RecordEvent):
                 self._event(command)
             elif isinstance(command, Alert):
                 self._alert(command)
-        if decision.state.active != before.active and self._on_move is not None:
-            self._on_move(before.active, decision.state.active, decision.reason)
 
     def _event(self, event: RecordEvent) -> None:
         extra: dict[str, Any] = {}
