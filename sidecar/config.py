@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,6 +399,60 @@ class Notify(_Model):
         return None
 
 
+_ETCD_ENDPOINT = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
+_FLEET_PREFIX = re.compile(r"(/[A-Za-z0-9._\-]+)+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,62}")
+
+
+class Coordination(_Model):
+    """Several hosts (an HAProxy and a sidecar each) serving one app agree on one decision through etcd."""
+
+    backend: Literal["none", "etcd"] = "none"
+    endpoints: list[str] = Field(default=["http://127.0.0.1:2379"], min_length=1)
+    prefix: str = "/ddb-sidecar/default"
+    host: str | None = None
+    lease_ttl: Duration = 5.0
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        for e in v:
+            if not _ETCD_ENDPOINT.fullmatch(e):
+                raise ValueError(f"{e!r} is not an etcd client URL (http://HOST:PORT or https://HOST:PORT)")
+        if len(set(v)) != len(v):
+            raise ValueError("an endpoint is listed twice")
+        return v
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not _FLEET_PREFIX.fullmatch(v):
+            raise ValueError("prefix must look like /ddb-sidecar/NAME: '/'-separated letters, digits, . _ -")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        if v is not None and not _HOST_NAME.fullmatch(v):
+            raise ValueError("host must be 1-63 letters, digits, . _ - (the name of this sidecar in the fleet)")
+        return v
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, v: float) -> float:
+        if not 2.0 <= v <= 60.0:
+            raise ValueError("lease_ttl must be between 2s and 60s")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend == "etcd"
+
+    def host_name(self) -> str:
+        """This sidecar's name in the fleet: `host`, else the machine's hostname."""
+        return self.host or socket.gethostname()
+
+
 class Config(_Model):
     listen: AddressField = Address("127.0.0.1", 8000)
     regions: list[Region] = Field(min_length=1)
@@ -412,6 +467,7 @@ class Config(_Model):
     proxy: Proxy = Proxy()
     logging: Logging = Logging()
     notify: Notify = Notify()
+    coordination: Coordination = Coordination()
     # The folder relative paths were resolved against (not a YAML key).
     base_dir: Path = Field(default=Path("."), exclude=True)
 
