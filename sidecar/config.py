@@ -434,7 +434,9 @@ class Coordination(_Model):
     @classmethod
     def _host(cls, v: str | None) -> str | None:
         if v is not None and not _HOST_NAME.fullmatch(v):
-            raise ValueError("host must be 1-63 letters, digits, . _ - (the name of this sidecar in the fleet)")
+            raise ValueError(
+                "host must be 1-63 letters, digits, . _ - (the name of this sidecar in the fleet)"
+            )
         return v
 
     @field_validator("lease_ttl")
@@ -670,7 +672,19 @@ def semantic_problems(config: Config, *, check_environment: bool = True) -> list
         + _clients_problems(config.clients, check_environment=check_environment)
         + _unix_listener_problems(config)
         + _notify_problems(config.notify, check_environment=check_environment)
+        + _coordination_problems(config)
     )
+
+
+def _coordination_problems(config: Config) -> list[str]:
+    if config.coordination.enabled and config.replication.mode == "streams":
+        # Every member would run a replicator over the same shards; the leader-only replicator with shared
+        # checkpoints is not built yet.
+        return [
+            "coordination.backend: etcd with replication.mode streams is not supported yet (every host would "
+            "replicate the same shards); use global-tables, or run one host without coordination"
+        ]
+    return []
 
 
 def _unix_listener_problems(config: Config) -> list[str]:

@@ -288,3 +288,45 @@ def test_notify_section_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         tmp_path, {**MINIMAL, "health": {"interval": "1x"}, "notify": {"webhook_env": "NOTIFY_URL"}}
     )
     assert any(p.startswith("notify.webhook_env:") and "not set" in p for p in found), found
+
+
+def test_coordination_defaults_to_none_and_etcd_settings_are_checked(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.coordination.backend == "none" and not config.coordination.enabled
+    fleet = {
+        "backend": "etcd",
+        "endpoints": ["http://10.0.0.5:2379", "http://10.0.0.6:2379"],
+        "prefix": "/ddb-sidecar/orders-prod",
+        "host": "web-1",
+        "lease_ttl": "5s",
+    }
+    config = load_config(write(tmp_path, {**MINIMAL, "coordination": fleet}))
+    assert config.coordination.enabled and config.coordination.host_name() == "web-1"
+    assert config.coordination.lease_ttl == 5.0
+    found = problems(
+        tmp_path,
+        {
+            **MINIMAL,
+            "coordination": {
+                "backend": "etcd",
+                "endpoints": ["10.0.0.5:2379"],
+                "prefix": "ddb-sidecar/x y",
+                "host": "web 1",
+                "lease_ttl": "500ms",
+            },
+        },
+    )
+    for path in (
+        "coordination.endpoints",
+        "coordination.prefix",
+        "coordination.host",
+        "coordination.lease_ttl",
+    ):
+        assert any(p.startswith(f"{path}") or f": {path}" in p for p in found), (path, found)
+
+
+def test_coordination_with_streams_replication_is_refused_for_now(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path, {**MINIMAL, "coordination": {"backend": "etcd"}, "replication": {"mode": "streams"}}
+    )
+    assert any(p.startswith("coordination.backend") and "streams" in p for p in found), found
