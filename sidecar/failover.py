@@ -117,6 +117,8 @@ class Failover:
         notify: Callable[[dict[str, Any]], None],
         lag_ms: Callable[[str], float | None] | None = None,
         on_switchover: Callable[[str], None] | None = None,
+        views: Callable[[], tuple[RegionView, ...]] | None = None,
+        persist: Callable[[State], None] | None = None,
     ) -> None:
         self._config = config
         self.monitors = monitors
@@ -125,6 +127,12 @@ class Failover:
         self._notify = notify
         self._lag_ms = lag_ms
         self._on_switchover = on_switchover
+        # Where the regions' views come from (default: this host's monitors; a fleet leader: the vote) and
+        # where the state is kept (default: the state file; a fleet leader: etcd).
+        self._views = views
+        self._persist_to = persist
+        # A fleet member follows its leader's decision: no automatic decisions of its own (`follow`).
+        self.following = False
         self.state: State | None = None
         self.last: Decision | None = None
         self.moves_total: dict[str, int] = {}
@@ -176,6 +184,20 @@ class Failover:
             self._persist(self.state)
         return self.state
 
+    def start_with(self, state: State) -> None:
+        """Start from a given state (a new fleet leader: the fleet's stored decision)."""
+        self._loop = asyncio.get_running_loop()
+        self.state = state
+
+    def follow(self, state: State, reason: str) -> bool:
+        """Take the fleet's decision as this host's: persist it and apply its weights (a change of active
+        region is a move here). True if the active region changed."""
+        before = self.state
+        self.state = state
+        self._persist(state)
+        self._apply(self.desired, reason)
+        return before is None or before.active != state.active
+
     # -- inputs
     def poke(self) -> None:
         """Something changed: decide soon (coalesced: many pokes in one loop turn make one decision)."""
@@ -201,6 +223,8 @@ class Failover:
     # -- deciding
     def _tick(self) -> None:
         self._pending = False
+        if self.following:
+            return
         try:
             self._decide(None)
         except Exception:  # a bug here must not stop the daemon, nor future decisions
@@ -208,6 +232,8 @@ class Failover:
 
     def snapshot(self, weights: Mapping[str, int] | None = None) -> Snapshot:
         assert self.state is not None
+        if self._views is not None:
+            return Snapshot(time.time(), self._views(), self.state, weights)
         lag = self._lag_ms
         views = tuple(
             RegionView.from_health(name, self.monitors[name].state, lag_ms=lag(name) if lag else None)
@@ -272,6 +298,9 @@ class Failover:
         }
 
     def _persist(self, state: State) -> None:
+        if self._persist_to is not None:
+            self._persist_to(state)
+            return
         try:
             save_state(self.state_path, state)
         except OSError as exc:
