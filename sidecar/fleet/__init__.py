@@ -1,0 +1,1 @@
+"""Several sidecars, one decision: coordination through etcd."""
