@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from sidecar.core.controller import FailoverIntent, Intent, Pause, Resume
 from sidecar.engine import Daemon
+from sidecar.fleet.member import FleetMember, FleetUnavailable
 from sidecar.metrics import metrics_registry, render_metrics
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,50 @@ async def _read_intent(request: web.Request) -> dict[str, object]:
     return body
 
 
-async def _run_intent(request: web.Request, intent: Intent) -> web.Response:
+async def _run_fleet_intent(daemon: Daemon, fleet: FleetMember, intent: Intent) -> web.Response:
+    """A command for the whole fleet: posted to the leader through etcd; answered once every live member
+    applied the result (or naming those that did not)."""
+    lag = daemon.lag_ms(intent.to) if isinstance(intent, FailoverIntent) else None
+    try:
+        result = await fleet.intent(intent)
+    except FleetUnavailable as exc:
+        return web.json_response({"ok": False, "refused": True, "reason": str(exc)}, status=503)
+    confirmed = await daemon.keeper.wait_confirmed(5.0)
+    not_applied = result.get("not_applied") or []
+    reason = str(result.get("reason") or "")
+    if not_applied:
+        reason += f"; not applied yet by {', '.join(not_applied)}"
+    doc: dict[str, object] = {
+        "ok": bool(result.get("ok")),
+        "refused": bool(result.get("refused")),
+        "reason": reason,
+        "active_region": result.get("active_region", daemon.failover.active),
+        "mode": result.get("mode", daemon.failover.mode),
+        "epoch": result.get("epoch"),
+        "leader": result.get("leader"),
+        "not_applied": not_applied,
+        "weights_confirmed": confirmed,
+        "weights_error": None if confirmed else daemon.keeper.last_error,
+    }
+    if isinstance(intent, FailoverIntent) and result.get("ok"):
+        doc["lag_ms"] = lag
+        doc["unreplicated"] = daemon.unreplicated_note(intent.to, lag)
+    return web.json_response(doc, status=409 if result.get("refused") else 200)
+
+
+async def _run_intent(request: web.Request, intent: Intent, *, local: bool = False) -> web.Response:
     daemon = request.app[DAEMON]
+    if daemon.fleet is not None and not local:
+        return await _run_fleet_intent(daemon, daemon.fleet, intent)
+    warning = None
+    if daemon.fleet is not None and isinstance(intent, FailoverIntent):
+        if intent.to not in daemon.regions:
+            raise web.HTTPBadRequest(
+                text=_error_json(f"no region {intent.to!r} (configured: {', '.join(daemon.regions)})"),
+                content_type="application/json",
+            )
+        warning = daemon.fleet.break_glass(intent.to)
+        daemon.event("local-failover", warning, to=intent.to)
     lag = daemon.lag_ms(intent.to) if isinstance(intent, FailoverIntent) else None
     decision, confirmed = await daemon.intent(intent)
     state = decision.state
@@ -69,6 +112,8 @@ async def _run_intent(request: web.Request, intent: Intent) -> web.Response:
     if isinstance(intent, FailoverIntent) and not decision.refused:
         doc["lag_ms"] = lag
         doc["unreplicated"] = daemon.unreplicated_note(intent.to, lag)
+    if warning is not None:
+        doc["warning"] = warning
     return web.json_response(doc, status=409 if decision.refused else 200)
 
 
@@ -79,7 +124,7 @@ async def _failover(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(
             text=_error_json('expected {"to": "REGION"}'), content_type="application/json"
         )
-    return await _run_intent(request, FailoverIntent(to))
+    return await _run_intent(request, FailoverIntent(to), local=body.get("local") is True)
 
 
 async def _switchover(request: web.Request) -> web.Response:

@@ -193,6 +193,7 @@ def status(config_path: Path, as_json: bool) -> None:
             click.echo(
                 f"{'':<16}last upstream error at {r.get('last_upstream_error_at')}: {r['last_upstream_error']}"
             )
+    _echo_fleet(doc.get("coordination") or {})
     failover = doc.get("failover") or {}
     if failover.get("reason"):
         click.echo(f"decision: {failover['reason']}")
@@ -214,6 +215,31 @@ def status(config_path: Path, as_json: bool) -> None:
         click.echo("recent events:")
         for e in events:
             click.echo(f"  {e['at']}  {e['kind']:<12} {e['reason']}")
+
+
+def _echo_fleet(fleet: dict[str, Any]) -> None:
+    """The fleet in one glance: the connection, the leader, and which host sees which region how."""
+    if fleet.get("backend") in (None, "none"):
+        return
+    lead = fleet.get("leader") or "none"
+    click.echo(
+        f"fleet: {fleet.get('state')}, host {fleet.get('host')}, leader {lead}, "
+        f"{len(fleet.get('members') or [])} member(s), decision epoch {fleet.get('epoch')} "
+        f"(applied here: {fleet.get('applied_epoch')})"
+    )
+    views: dict[str, dict[str, str]] = fleet.get("views") or {}
+    regions = sorted({name for v in views.values() for name in v})
+    if views and regions:
+        click.echo(f"  {'host':<16}" + "".join(f"{name:<14}" for name in regions))
+        for host, seen in views.items():
+            mark = "*" if host == lead else " "
+            click.echo(f" {mark}{host:<16}" + "".join(f"{seen.get(name) or '-':<14}" for name in regions))
+    if fleet.get("isolated"):
+        click.echo("  this host alone sees the active region down: it does not move (requests fail fast)")
+    for refused in fleet.get("refused_members") or []:
+        click.echo(f"  not a voter: {refused['host']} ({refused['differs']})")
+    if fleet.get("state") == "lost":
+        click.echo(f"  etcd unreachable since {fleet.get('lost_since')}: weights held, no automatic move")
 
 
 def _admin_post(config: Config, path: str, body: dict[str, Any], timeout: float = 15.0) -> tuple[int, Any]:
@@ -241,6 +267,10 @@ def _report_intent(status: int, doc: Any) -> None:
     if status == 200 and doc.get("ok"):
         click.echo(doc.get("reason", "done"))
         click.echo(f"active region: {doc.get('active_region')}    mode: {doc.get('mode')}")
+        if doc.get("epoch") is not None:
+            click.echo(f"fleet: decision epoch {doc['epoch']} by leader {doc.get('leader')}")
+        if doc.get("warning"):
+            click.echo(f"warning: {doc['warning']}", err=True)
         if doc.get("unreplicated"):
             click.echo(f"note: {doc['unreplicated']}")
         if not doc.get("weights_confirmed"):
@@ -257,10 +287,20 @@ def _report_intent(status: int, doc: Any) -> None:
 @main.command()
 @config_option
 @click.option("--to", "to", required=True, help="The region to move traffic to.")
-def failover(config_path: Path, to: str) -> None:
-    """Move traffic to REGION now (for when the active region is gone); says what may be behind."""
+@click.option(
+    "--local",
+    is_flag=True,
+    help="With coordination: move this host alone (break-glass while etcd is down); the fleet's decision "
+    "wins again when etcd is back.",
+)
+def failover(config_path: Path, to: str, local: bool) -> None:
+    """Move traffic to REGION now (for when the active region is gone); says what may be behind. With
+    coordination it moves the whole fleet (from any member)."""
     config = _load(config_path, check_environment=False)
-    _report_intent(*_admin_post(config, "/failover", {"to": to}))
+    body: dict[str, Any] = {"to": to}
+    if local:
+        body["local"] = True
+    _report_intent(*_admin_post(config, "/failover", body, timeout=30.0))
 
 
 @main.command()
@@ -409,7 +449,7 @@ def reconcile(
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["outage", "replica"]),
+    type=click.Choice(["outage", "replica", "fleet"]),
     default="outage",
     show_default=True,
     help="outage: the home region goes dark and traffic moves to the other region; "

@@ -29,6 +29,7 @@ from sidecar.core.controller import Decision, Intent, desired_weights
 from sidecar.core.gate import GatePolicy
 from sidecar.core.health import Cause, HealthState
 from sidecar.failover import STATE_FILE, Failover, load_state
+from sidecar.fleet.member import FleetMember
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.process import HAProxyProcess
 from sidecar.haproxy.render import render_to_file, template_path
@@ -129,6 +130,8 @@ class Daemon:
             on_switchover=self._failback_due,
         )
         self.replicator: StreamReplicator | None = None
+        # With coordination: this host's place in the fleet; the local decider then follows the leader.
+        self.fleet: FleetMember | None = None
         self.fence: WriteFence[RegionRuntime] = WriteFence()
         self.switchover_lock = asyncio.Lock()
         self._failback_retry_at = 0.0
@@ -192,6 +195,18 @@ class Daemon:
             self.failover.start(observed)
             self.applier.apply(self.failover.desired, "start")  # the keeper applies it once it runs
             self._route_writes_to(self.failover.active)
+            if cfg.coordination.enabled:
+                # Until the fleet's decision arrives, this host keeps what it adopted and moves nothing.
+                self.failover.following = True
+                self.fleet = FleetMember(
+                    lambda: self.config,
+                    local=self.failover,
+                    monitors=self.monitors,
+                    lag_ms=self.lag_ms,
+                    record=self.event,
+                    notify=self.notifier.notify,
+                )
+                self.fleet.start()
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
             self._spawn(self.heartbeats.run(), "heartbeats")
@@ -332,6 +347,8 @@ class Daemon:
     async def stop(self) -> None:
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.fleet is not None:
+            await self.fleet.stop()
         self.failover.close()
         if self.failover.state is not None and self.haproxy is not None:
             # A move's re-render may still be queued: the file must name the active region before HAProxy
@@ -427,6 +444,8 @@ class Daemon:
                 region=monitor.name,
             )
         self.failover.poke()
+        if self.fleet is not None:
+            self.fleet.local_changed()
 
     def _weights_observed(self, observed: dict[str, int] | None) -> None:
         """A read-back of HAProxy's weights. It is a drift only when HAProxy had confirmed the current desired
@@ -519,6 +538,16 @@ class Daemon:
         return False
 
     async def switchover(self, to: str) -> SwitchoverResult:
+        if self.fleet is not None:
+            # A switchover's promise (no write lost, none in both regions) needs every member's fence closed
+            # before the flip; fencing one host would break it for the others.
+            reason = (
+                f"refused switchover to {to}: a fleet-wide write fence is not implemented yet, and fencing "
+                f"this host alone would not stop the other members' writes; `ddb-sidecar failover --to {to}` "
+                "moves the whole fleet at once (say how much may be behind: see `status` replication lag)"
+            )
+            self.event("refused", reason, to=to)
+            return SwitchoverResult(False, reason, self.failover.active)
         result = await run_switchover(self, to)
         await self._rendered(5.0)
         return result
@@ -658,6 +687,9 @@ class Daemon:
                 "held": self.fence.held,
                 "held_total": self.fence.held_total,
             },
+            "coordination": self.fleet.status()
+            if self.fleet is not None
+            else {"backend": "none", "state": "off"},
             "events": [e.to_json() for e in reversed(self.events)],
             "uptime_s": round(time.time() - self.started_at, 1),
         }

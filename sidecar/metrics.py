@@ -165,10 +165,39 @@ class DaemonCollector(Collector):
             if value is not None:
                 lag.add_metric([name], value / 1000)
         yield from self._replicator()
+        yield from self._coordination()
         held = GaugeMetricFamily("ddb_sidecar_fence_held_writes", "Writes held by a switchover's fence now")
         held.add_metric([], daemon.fence.held)
         yield from (observations, suspect, active, observed, moves, alerts, paused, confirmed, corrections,
                     failed, webhook, lag, held)  # fmt: skip
+
+    def _coordination(self) -> Iterator[Metric]:
+        fleet = self.daemon.fleet
+        if fleet is None:
+            return
+        connected = GaugeMetricFamily(
+            "ddb_sidecar_coordination_connected", "1 while etcd is reachable and this member is in the fleet"
+        )
+        connected.add_metric([], 1.0 if fleet.state == "connected" else 0.0)
+        leader = GaugeMetricFamily("ddb_sidecar_coordination_leader", "1 while this member leads the fleet")
+        leader.add_metric([], 1.0 if fleet.is_leader else 0.0)
+        members = GaugeMetricFamily("ddb_sidecar_coordination_members", "Live members of the fleet")
+        members.add_metric([], len(fleet.members))
+        epoch = GaugeMetricFamily("ddb_sidecar_coordination_epoch", "The fleet decision epoch applied here")
+        epoch.add_metric([], fleet.applied_epoch)
+        isolated = GaugeMetricFamily(
+            "ddb_sidecar_coordination_isolated", "1 while this host alone sees the active region down"
+        )
+        isolated.add_metric([], 1.0 if fleet.isolated else 0.0)
+        seen = GaugeMetricFamily(
+            "ddb_sidecar_fleet_region_members",
+            "Members that see a region up or down",
+            labels=["region", "state"],
+        )
+        for name, tally in fleet.vote().tallies.items():
+            seen.add_metric([name, "up"], tally.up)
+            seen.add_metric([name, "down"], tally.down)
+        yield from (connected, leader, members, epoch, isolated, seen)
 
     def _replicator(self) -> Iterator[Metric]:
         replicator = self.daemon.replicator
