@@ -145,6 +145,7 @@ class FleetMember:
         self.decision: dict[str, Any] | None = None
         self.applied_epoch = 0
         self.isolated = False
+        self._alone_since: float | None = None
         self.lost_since: float | None = None
         self.last_error: str | None = None
         self.local_override: str | None = None  # break-glass: the region this host carries against the fleet
@@ -503,25 +504,46 @@ class FleetMember:
         self._check_refused()
 
     def _check_isolation(self) -> None:
+        """Is this host alone in seeing the active region down? Said (alert, status, record) only once it has
+        lasted two probe intervals: at a real outage every member sees it first, for the moment before the
+        others' views arrive, and that is not isolation."""
         active = self.local.active_or_none
-        if active is None or active not in self.monitors or len(self.members) < 2:
-            alone = False
-        else:
+        alone = fleet_down = False
+        if active is not None and active in self.monitors and len(self.members) >= 2:
             mine = RegionView.from_health(active, self.monitors[active].state)
             fleet = dict(zip([r.name for r in self._config().regions], self.vote().views, strict=True))
             alone = isolated(mine, fleet[active])
-        if alone and not self.isolated and active is not None:
-            self._alert(
-                "host-isolated",
-                f"{self.host} alone sees {active} down ({self.monitors[active].state.cause}); the fleet does "
-                f"not, so this host does not move: its requests fail fast with 503 (not sent, safe to retry). "
-                "Check this host's path to the region; `ddb-sidecar failover --to REGION --local` moves it alone",
-            )
-        elif self.isolated and not alone:
-            self._event("host-rejoined", f"{self.host} reaches {active} again (no longer isolated)")
-        if alone != self.isolated:
-            self.isolated = alone
-            self._publish_record.set()
+            fleet_down = fleet[active].health == "down"
+        loop = asyncio.get_running_loop()
+        if not alone:
+            self._alone_since = None
+            if self.isolated:
+                self.isolated = False
+                self._publish_record.set()
+                why = (
+                    f"most of the fleet now sees {active} down too"
+                    if active is not None and fleet_down
+                    else f"{self.host} reaches {active} again"
+                )
+                self._event("host-rejoined", f"no longer isolated: {why}")
+            return
+        if self.isolated or active is None:
+            return
+        grace = 2 * self._config().health.interval
+        if self._alone_since is None:
+            self._alone_since = loop.time()
+            loop.call_later(grace + 0.01, self._check_isolation)
+            return
+        if loop.time() - self._alone_since < grace:
+            return
+        self.isolated = True
+        self._publish_record.set()
+        self._alert(
+            "host-isolated",
+            f"{self.host} alone sees {active} down ({self.monitors[active].state.cause}); the fleet does not, "
+            "so this host does not move: its requests fail fast with 503 (not sent, safe to retry). Check this "
+            "host's path to the region; `ddb-sidecar failover --to REGION --local` moves it alone",
+        )
 
     def _check_refused(self) -> None:
         for host, why in self.vote().refused:
