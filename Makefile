@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_ARGS ?= --scenario outage --duration 25
 
-.PHONY: demo test unit integration bench bench-failover bench-replication bench-reconcile bench-switchover lint fmt clean
+.PHONY: demo test unit integration bench bench-failover bench-replication bench-reconcile bench-switchover bench-fleet lint fmt clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11" >&2; exit 2; }
@@ -41,6 +41,9 @@ bench-reconcile: $(STAMP)
 
 bench-switchover: $(STAMP)
 	$(BIN)/python -m bench.switchover_bench $(BENCH_ARGS)
+
+bench-fleet: $(STAMP)
+	$(BIN)/python -m bench.fleet_bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench

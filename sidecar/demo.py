@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.localregion import LocalRegion
+from sidecar.localregion import Key, LocalRegion
 
 HEALTH_TABLE = "ddb-sidecar-health"
 TABLE = "orders"
@@ -47,6 +47,20 @@ SCENARIOS = ("outage", "replica", "fleet")
 WRITE_RATE = 25.0
 CLIENT_TIMEOUT = 2.0
 CLIENT_POOL = 32  # clients (and threads): WRITE_RATE x CLIENT_TIMEOUT requests may be stuck at once
+
+
+def sidecar_env(key: Key) -> dict[str, str]:
+    """The environment of a demo sidecar: the local regions' key, and nothing of the machine's AWS setup."""
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": key.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": key.secret_access_key,
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    env.pop("AWS_SESSION_TOKEN", None)
+    return env
 
 
 def _status(admin: str) -> dict[str, Any] | None:
@@ -125,15 +139,7 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int, scena
         }
         config_path = work / "sidecar.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": key.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": key.secret_access_key,
-            "AWS_CONFIG_FILE": "/dev/null",
-            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        env.pop("AWS_SESSION_TOKEN", None)
+        env = sidecar_env(key)
         print("demo: starting the sidecar (and its HAProxy) ...")
         with open(work / "logs" / "sidecar.log", "ab") as log:
             sidecar = subprocess.Popen(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.demo import _app_client, _found, _status, sidecar_env
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from sidecar.localregion import LocalRegion
 
@@ -106,21 +105,10 @@ class Relay:
         self._writers.difference_update((writer, up_writer))
 
 
-def _status(admin: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://{admin}/status", timeout=1.0) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
-    except OSError:
-        return None
-
-
 class _Client:
     """The app on one host: PutItems at a steady pace through the host's stable address."""
 
     def __init__(self, host: str, stable: str) -> None:
-        from sidecar.demo import _app_client
-
         self.host, self.client = host, _app_client(stable, 1.0, 2.0)
         self.ok: list[tuple[float, str]] = []
         self.failed: list[tuple[float, str]] = []
@@ -139,7 +127,7 @@ class _Client:
         while not self._stop.wait(1 / WRITE_RATE):
             order = f"{self.host}-{uuid.uuid4().hex[:10]}"
             try:
-                self.client.put_item(TableName=TABLE, Item={"pk": {"S": order}, "sk": {"S": "order"}})
+                self.client.put_item(TableName=TABLE, Item={"pk": {"S": "demo"}, "sk": {"S": order}})
                 self.ok.append((time.monotonic(), order))
             except Exception as exc:  # every failure is what the app would see: counted, shown
                 code = getattr(exc, "response", {}).get("Error", {}).get("Code") or type(exc).__name__
@@ -174,15 +162,7 @@ def run_fleet_demo(duration: float | None, workdir: Path | None, base_port: int)
         key = regions[0].key
         assert key is not None
         print(f"  etcd {', '.join(etcd.endpoints)}")
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": key.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": key.secret_access_key,
-            "AWS_CONFIG_FILE": "/dev/null",
-            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        env.pop("AWS_SESSION_TOKEN", None)
+        env = sidecar_env(key)
         for i, host in enumerate(HOSTS):
             port = base_port + 10 * i
             for j, region in enumerate(regions):
@@ -314,6 +294,7 @@ def _script(
         (total * 0.6, "us-east-1 is cut for every host", lambda: _cut_all(relays)),
     ]
     marks: dict[str, float] = {}
+    moved_at: dict[str, float] = {}
     seen: set[tuple[str, str, str]] = set()
     next_line = started
     while (now := time.monotonic()) - started < total:
@@ -323,7 +304,10 @@ def _script(
             marks[what] = time.monotonic()
             print(f"demo: >>> {what}")
         for host, admin in admins.items():
-            for e in (_status(admin) or {}).get("events", [])[::-1]:
+            doc = _status(admin) or {}
+            if doc.get("active_region") == OTHER and host not in moved_at:
+                moved_at[host] = time.monotonic()
+            for e in doc.get("events", [])[::-1]:
                 key = (host, e["at"], e["reason"])
                 if key not in seen and e["kind"] in (
                     "alert",
@@ -349,9 +333,17 @@ def _script(
             f"first write after the cut for all: {first}"
         )
     moved = all(region == OTHER for region in active.values())
+    # The data, read from each region directly: every write a host acknowledged after it moved is in
+    # eu-west-1 and not in us-east-1 (us-east-1's server is alive: only the paths to it were cut).
+    acked = [o for h, c in clients.items() if h in moved_at for t, o in c.ok if t > moved_at[h]]
+    in_other, in_home = _found(regions[1], acked), _found(regions[0], acked)
+    print(
+        f"  acknowledged after each host moved: {len(acked)}; in eu-west-1: {len(in_other)}; in us-east-1: {len(in_home)}"
+    )
+    good = moved and len(in_other) == len(acked) and not in_home
     print(
         "  one host cut off alone moved nothing; the region cut for all moved every host"
-        if moved
-        else "  not every host moved: see the logs"
+        if good
+        else "  not every host moved, or a write is not where it should be: see the logs"
     )
-    return 0 if moved else 1
+    return 0 if good else 1

@@ -10,6 +10,7 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import DEFAULT_SEED, MotoRegion, start_regions
 from tests.support.processes import log_tails
 
@@ -63,3 +64,16 @@ def table_name(request: pytest.FixtureRequest) -> str:
     """A table name unique to this test (valid DynamoDB name: [a-zA-Z0-9_.-], 3-255 chars)."""
     test = "".join(c if c.isalnum() or c in "_.-" else "-" for c in request.node.name)[:40]
     return f"t-{test}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def proxies(
+    moto_regions: dict[str, MotoRegion], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, FaultProxy]]:
+    """A fault proxy in front of each session region, per test module (a module may define its own)."""
+    log_dir = tmp_path_factory.mktemp("faultproxies")
+    with (
+        FaultProxy(moto_regions[PRIMARY_REGION].port, log_dir) as home,
+        FaultProxy(moto_regions[SECONDARY_REGION].port, log_dir) as other,
+    ):
+        yield {PRIMARY_REGION: home, SECONDARY_REGION: other}

@@ -231,11 +231,13 @@ def test_status_without_daemon(workdir: Path) -> None:
 # -- demo ---------------------------------------------------------------------------------------------------
 
 DEMO_OFFSETS = (0, 4, 5, 101, 102, 201, 202)
+# demo --scenario fleet: eight ports per host (10 apart), the regions at +201/+202
+FLEET_DEMO_OFFSETS = (*(10 * host + k for host in range(3) for k in range(8)), 201, 202)
 
 
-def run_demo(*args: str, timeout: float = 90.0) -> str:
+def run_demo(*args: str, timeout: float = 90.0, offsets: tuple[int, ...] = DEMO_OFFSETS) -> str:
     """Run `ddb-sidecar demo ARGS` on a free block of ports; return its output once it exited 0."""
-    base = free_port_block(DEMO_OFFSETS, low=20000, high=31000)
+    base = free_port_block(offsets, low=20000, high=31000)
     proc = subprocess.Popen(
         [str(SIDECAR), "demo", *args, "--base-port", str(base)],
         env={**base_env(), "PYTHONUNBUFFERED": "1"},
@@ -306,3 +308,24 @@ def test_demo_refuses_an_unknown_scenario() -> None:
     result = cli("demo", "--scenario", "earthquake", timeout=30)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "earthquake" in result.stderr
+
+
+def test_demo_runs_the_fleet_scenario() -> None:
+    out = run_demo("--scenario", "fleet", "--duration", "24", timeout=150.0, offsets=FLEET_DEMO_OFFSETS)
+    alone = out.index(">>> web-1 alone loses its path to us-east-1")
+    back = out.index(">>> web-1's path to us-east-1 is back")
+    cut = out.index(">>> us-east-1 is cut for every host")
+    isolated = out.index("[web-1] alert: web-1 alone sees us-east-1 down")
+    assert alone < isolated < cut, out
+    # nothing moved while web-1 alone was cut off: the first move comes after the cut for all
+    first_move = min(
+        out.index(f"[{h}] fleet-decision: applied the fleet's decision") for h in ("web-1", "web-2", "web-3")
+    )
+    assert back < cut < first_move, out
+    for host in ("web-1", "web-2", "web-3"):
+        assert re.search(rf"{host}: now on eu-west-1; \d+ writes acknowledged", out), out
+    counts = re.search(
+        r"acknowledged after each host moved: (\d+); in eu-west-1: (\d+); in us-east-1: (\d+)", out
+    )
+    assert counts and int(counts[1]) > 0 and counts[1] == counts[2] and counts[3] == "0", out
+    assert "the region cut for all moved every host" in out, out

@@ -40,18 +40,6 @@ def table(moto_regions: dict[str, MotoRegion]) -> str:
     return new_app_table(moto_regions.values(), "failover")
 
 
-@pytest.fixture(scope="module")
-def proxies(
-    moto_regions: dict[str, MotoRegion], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, FaultProxy]]:
-    log_dir = tmp_path_factory.mktemp("faultproxies")
-    with (
-        FaultProxy(moto_regions[HOME].port, log_dir) as home,
-        FaultProxy(moto_regions[OTHER].port, log_dir) as other,
-    ):
-        yield {HOME: home, OTHER: other}
-
-
 @pytest.fixture
 def stack_factory(
     moto_regions: dict[str, MotoRegion],

@@ -43,18 +43,6 @@ def table(moto_regions: dict[str, MotoRegion]) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def proxies(
-    moto_regions: dict[str, MotoRegion], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, FaultProxy]]:
-    log_dir = tmp_path_factory.mktemp("faultproxies")
-    with (
-        FaultProxy(moto_regions[HOME].port, log_dir) as home,
-        FaultProxy(moto_regions[OTHER].port, log_dir) as other,
-    ):
-        yield {HOME: home, OTHER: other}
-
-
 @pytest.fixture
 def stack(
     moto_regions: dict[str, MotoRegion], table: str, proxies: dict[str, FaultProxy], tmp_path: Path

@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from tests.support.faultproxy import FaultProxy
+from tests.support.fleet import member
 from tests.support.moto_region import MotoRegion
 from tests.support.stack import DEFAULT_TEST_HEALTH, SIDECAR, SidecarStack, new_app_table
 from tests.support.wait import wait_until
@@ -65,23 +66,15 @@ class Fleet:
         self._tables = tables
 
     def add(self, host: str, tables: list[str] | None = None) -> SidecarStack:
-        proxies = {name: FaultProxy(region.port, self.log_dir).start() for name, region in self.moto.items()}
-        self.proxies[host] = proxies
-        stack = SidecarStack(
+        stack, self.proxies[host] = member(
             [self.moto[HOME], self.moto[OTHER]],
             tables or [self.table],
             self.log_dir,
-            endpoints={name: p.url for name, p in proxies.items()},
-            extra={
-                "health": dict(DEFAULT_TEST_HEALTH),
-                "coordination": {
-                    "backend": "etcd",
-                    "endpoints": self.etcd.endpoints,
-                    "prefix": self.prefix,
-                    "host": host,
-                    "lease_ttl": f"{LEASE_TTL:g}s",
-                },
-            },
+            etcd_endpoints=self.etcd.endpoints,
+            prefix=self.prefix,
+            host=host,
+            lease_ttl=LEASE_TTL,
+            health=DEFAULT_TEST_HEALTH,
         )
         self.stacks[host] = stack
         stack.start()
