@@ -38,7 +38,7 @@ from typing import Any
 from bench.failover_bench import LOAD_TIMEOUT, LoadGenerator, app_client, put
 from sidecar.fleet.localetcd import LocalEtcdCluster, etcd_version
 from tests.support.faultproxy import FaultProxy
-from tests.support.fleet import member
+from tests.support.fleet import member, settled
 from tests.support.moto_region import MotoRegion, start_regions
 from tests.support.stack import HEALTH_TABLE, SidecarStack, new_app_table
 
@@ -85,19 +85,9 @@ class Fleet:
 
     def settled(self) -> bool:
         try:
-            docs = [self.status(h) for h in HOSTS]
+            return settled([self.status(h) for h in HOSTS])
         except OSError:
             return False
-        return (
-            all(
-                d["coordination"]["state"] == "connected"
-                and len(d["coordination"]["members"]) == len(HOSTS)
-                and d["coordination"]["applied_epoch"] >= 1
-                and all(r["state"] == "up" for r in d["regions"])
-                for d in docs
-            )
-            and len({d["coordination"]["leader"] for d in docs}) == 1
-        )
 
     def stop(self) -> None:
         for stack in self.stacks.values():

@@ -453,11 +453,16 @@ def reconcile(
     default="outage",
     show_default=True,
     help="outage: the home region goes dark and traffic moves to the other region; "
-    "replica: the other region freezes and recovers, unnoticed by the app.",
+    "replica: the other region freezes and recovers, unnoticed by the app; "
+    "fleet: three hosts on a local etcd, one cut off alone, then the region cut for all.",
 )
 def demo(duration: float | None, workdir: Path | None, base_port: int, scenario: str) -> None:
     """Two local DynamoDB regions, HAProxy, the sidecar and a client, all on loopback, with a scripted outage."""
-    from sidecar.demo import run_demo
-
     with contextlib.suppress(KeyboardInterrupt):
+        if scenario == "fleet":
+            from sidecar.demo_fleet import run_fleet_demo
+
+            sys.exit(run_fleet_demo(duration, workdir, base_port))
+        from sidecar.demo import run_demo
+
         sys.exit(run_demo(duration=duration, workdir=workdir, base_port=base_port, scenario=scenario))

@@ -10,7 +10,7 @@ client that talks to the stable address like the Perl app would. Two scripted sc
   region, read directly.
 - `replica`: the replica region freezes for a third of the run and comes back; the app, served by the home
   region, does not notice. Every acknowledged write ends up in the home region and only there.
-- `fleet`: three hosts agreeing through a local etcd cluster (`sidecar.demo_fleet`).
+- `fleet` is `sidecar.demo_fleet`: three hosts agreeing through a local etcd cluster.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from sidecar.localregion import Key, LocalRegion
 HEALTH_TABLE = "ddb-sidecar-health"
 TABLE = "orders"
 HOME, OTHER = "us-east-1", "eu-west-1"
-SCENARIOS = ("outage", "replica", "fleet")
+SCENARIOS = ("outage", "replica")  # and "fleet": sidecar.demo_fleet
 
 # The outage scenario's application: open-loop writes (a stuck request never delays the next one), each one
 # attempt with short timeouts, so that every failure the app would see is counted.
@@ -82,10 +82,6 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int, scena
             file=sys.stderr,
         )
         return 2
-    if scenario == "fleet":
-        from sidecar.demo_fleet import run_fleet_demo
-
-        return run_fleet_demo(duration, workdir, base_port)
     own_workdir = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="ddbdemo"))
     work.mkdir(parents=True, exist_ok=True)

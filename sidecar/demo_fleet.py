@@ -135,6 +135,12 @@ class _Client:
 
 
 def run_fleet_demo(duration: float | None, workdir: Path | None, base_port: int) -> int:
+    if not 1024 <= base_port <= 32000:
+        print(
+            "--base-port must be between 1024 and 32000 (ports above 32767 are ephemeral here)",
+            file=sys.stderr,
+        )
+        return 2
     total = duration or 30.0
     own_workdir = workdir is None
     work = workdir or Path(tempfile.mkdtemp(prefix="ddbfleet"))

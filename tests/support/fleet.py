@@ -42,3 +42,20 @@ def member(
         },
     )
     return stack, proxies
+
+
+def settled(statuses: Sequence[Mapping[str, Any]]) -> bool:
+    """Every member connected, seeing all the others, under one leader, having applied a decision, with
+    every region up (the `status` documents of the members)."""
+    fleets = [d["coordination"] for d in statuses]
+    return (
+        all(
+            f["state"] == "connected"
+            and len(f["members"]) == len(statuses)
+            and f["leader"] is not None
+            and f["applied_epoch"] >= 1
+            for f in fleets
+        )
+        and len({f["leader"] for f in fleets}) == 1
+        and all(r["state"] == "up" for d in statuses for r in d["regions"])
+    )

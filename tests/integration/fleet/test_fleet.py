@@ -22,7 +22,7 @@ from botocore.exceptions import ClientError
 
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from tests.support.faultproxy import FaultProxy
-from tests.support.fleet import member
+from tests.support.fleet import member, settled
 from tests.support.moto_region import MotoRegion
 from tests.support.stack import DEFAULT_TEST_HEALTH, SIDECAR, SidecarStack, new_app_table
 from tests.support.wait import wait_until
@@ -89,17 +89,7 @@ class Fleet:
         return self
 
     def settled(self) -> bool:
-        docs = [s.status()["coordination"] for s in self.stacks.values()]
-        return (
-            all(
-                d["state"] == "connected"
-                and len(d["members"]) == len(self.stacks)
-                and d["leader"] is not None
-                and d["applied_epoch"] >= 1
-                for d in docs
-            )
-            and len({d["leader"] for d in docs}) == 1
-        )
+        return settled([s.status() for s in self.stacks.values()])
 
     def stop(self) -> None:
         for stack in self.stacks.values():
