@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -159,6 +159,7 @@ class FleetMember:
         self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._refused_alerted: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- keys
     def _key(self, *parts: str) -> str:
@@ -177,6 +178,8 @@ class FleetMember:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-member")
 
     async def stop(self) -> None:
+        for pending in list(self._background):
+            pending.cancel()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -319,7 +322,7 @@ class FleetMember:
                 self.leader = None
                 if self._controller is not None:
                     self._step_down("the leader key was deleted")
-                asyncio.get_running_loop().create_task(self._campaign_safely(), name="fleet-campaign")
+                self._spawn(self._campaign_safely(), "fleet-campaign")
             elif rest.startswith("members/"):
                 self.members.pop(rest[len("members/") :], None)
                 self._fleet_changed()
@@ -332,12 +335,18 @@ class FleetMember:
         elif rest.startswith("intents/") and self._controller is not None:
             data = _json(event.kv.value)
             if data is not None:
-                asyncio.get_running_loop().create_task(self._decide_intent(rest[len("intents/") :], data))
+                self._spawn(self._decide_intent(rest[len("intents/") :], data), "fleet-intent")
         elif rest.startswith("results/"):
             future = self._results.get(rest[len("results/") :])
             data = _json(event.kv.value)
             if future is not None and not future.done() and data is not None:
                 future.set_result(data)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A named background task, referenced until done (a bare task may be collected mid-flight)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- leadership
     async def _campaign_safely(self) -> None:
