@@ -198,6 +198,8 @@ def leader_change(fleet: Fleet) -> dict[str, Any]:
     took = now() - t0
     active = {fleet.status(h)["active_region"] for h in others}
     stack.wait_exit(5)
+    # Its HAProxy outlived it (by design): the restarted sidecar adopts it, and stops it with the fleet.
+    stack.start()
     return {"old": leader, "new": new, "took_s": took, "active_after": sorted(active)}
 
 
