@@ -49,6 +49,20 @@ CLIENT_TIMEOUT = 2.0
 CLIENT_POOL = 32  # clients (and threads): WRITE_RATE x CLIENT_TIMEOUT requests may be stuck at once
 
 
+def start_regions(regions: list[LocalRegion]) -> Key:
+    """Start the local regions, bootstrap IAM, create the app and health tables; the sidecar's key."""
+    for region in regions:
+        region.start()
+    for region in regions:
+        region.wait_ready()
+        region.bootstrap()
+        region.create_table(TABLE, sk="sk")
+        region.create_table(HEALTH_TABLE)
+    key = regions[0].key
+    assert key is not None
+    return key
+
+
 def sidecar_env(key: Key) -> dict[str, str]:
     """The environment of a demo sidecar: the local regions' key, and nothing of the machine's AWS setup."""
     env = {
@@ -106,16 +120,9 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int, scena
     print(f"demo: scenario {scenario}, working in {work}")
     try:
         print("demo: starting two local DynamoDB regions (moto_server, signature checking on) ...")
+        key = start_regions(regions)
         for region in regions:
-            region.start()
-        for region in regions:
-            region.wait_ready()
-            region.bootstrap()
-            region.create_table(TABLE, sk="sk")
-            region.create_table(HEALTH_TABLE)
             print(f"  {region.name:<10} {region.endpoint}")
-        key = regions[0].key
-        assert key is not None
         # The replica scenario probes fast; the outage scenario shows the defaults an operator gets
         # (interval 1 s, timeout 800 ms, fall 3, rise 3; automatic failover, manual failback).
         health: dict[str, Any] = {"table": HEALTH_TABLE}

@@ -29,12 +29,10 @@ from typing import Any
 
 import yaml
 
-from sidecar.demo import _app_client, _found, _status, sidecar_env
+from sidecar.demo import HEALTH_TABLE, TABLE, _app_client, _found, _status, sidecar_env, start_regions
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from sidecar.localregion import LocalRegion
 
-HEALTH_TABLE = "ddb-sidecar-health"
-TABLE = "orders"
 HOME, OTHER = "us-east-1", "eu-west-1"
 HOSTS = ("web-1", "web-2", "web-3")
 WRITE_RATE = 5.0  # per host
@@ -158,15 +156,7 @@ def run_fleet_demo(duration: float | None, workdir: Path | None, base_port: int)
     try:
         print("demo: starting a three-member etcd cluster and two local DynamoDB regions ...")
         etcd.start()
-        for region in regions:
-            region.start()
-        for region in regions:
-            region.wait_ready()
-            region.bootstrap()
-            region.create_table(TABLE, sk="sk")
-            region.create_table(HEALTH_TABLE)
-        key = regions[0].key
-        assert key is not None
+        key = start_regions(regions)
         print(f"  etcd {', '.join(etcd.endpoints)}")
         env = sidecar_env(key)
         for i, host in enumerate(HOSTS):
