@@ -30,20 +30,11 @@ from typing import Any
 import orjson
 
 from sidecar.config import Config
-from sidecar.core.controller import (
-    FailoverIntent,
-    Intent,
-    Pause,
-    RegionView,
-    Resume,
-    State,
-    state_from_dict,
-    state_to_dict,
-)
-from sidecar.core.health import Cause
+from sidecar.core.controller import Intent, RegionView, State, state_from_dict, state_to_dict
 from sidecar.core.vote import FleetVote, MemberView, fingerprint, isolated, serves, vote, with_lag
 from sidecar.failover import Failover
 from sidecar.fleet.etcd import Compare, EtcdClient, EtcdError, KeyValue, LeaseExpired, Op, WatchEvent
+from sidecar.fleet.records import intent_from_json, intent_to_json, read_json, view_from_json, view_to_json
 from sidecar.monitor import RegionMonitor
 
 logger = logging.getLogger(__name__)
@@ -57,55 +48,6 @@ INTENT_TIMEOUT = 10.0
 class FleetUnavailable(Exception):
     """The fleet cannot take a command now (etcd lost, no leader, no answer in time); the message says what
     to do instead."""
-
-
-def view_to_json(view: RegionView) -> dict[str, Any]:
-    return {
-        "health": view.health,
-        "cause": view.cause,
-        "kind": view.kind.value if view.kind is not None else None,
-        "failing_since": view.failing_since,
-        "last_ok_at": view.last_ok_at,
-    }
-
-
-def view_from_json(name: str, data: Mapping[str, Any]) -> RegionView:
-    health = data.get("health")
-    kind = data.get("kind")
-    return RegionView(
-        name,
-        health if health in ("up", "down", "unknown") else "unknown",
-        data.get("cause") if isinstance(data.get("cause"), str) else None,
-        Cause(kind) if isinstance(kind, str) and kind in Cause._value2member_map_ else None,
-        None,
-        _num(data.get("failing_since")),
-        _num(data.get("last_ok_at")),
-    )
-
-
-def _num(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
-
-
-def intent_to_json(intent: Intent) -> dict[str, Any]:
-    if isinstance(intent, FailoverIntent):
-        return {"kind": "failover", "to": intent.to}
-    if isinstance(intent, Pause):
-        return {"kind": "pause"}
-    if isinstance(intent, Resume):
-        return {"kind": "resume"}
-    raise ValueError(f"{type(intent).__name__} is not a fleet command")
-
-
-def intent_from_json(data: Mapping[str, Any]) -> Intent:
-    kind = data.get("kind")
-    if kind == "failover" and isinstance(data.get("to"), str):
-        return FailoverIntent(data["to"])
-    if kind == "pause":
-        return Pause()
-    if kind == "resume":
-        return Resume()
-    raise ValueError(f"unknown fleet command {kind!r}")
 
 
 class FleetMember:
@@ -306,11 +248,11 @@ class FleetMember:
         if rest == "leader":
             self.leader = kv.value.decode("utf-8", "replace")
         elif rest == "decision":
-            data = _json(kv.value)
+            data = read_json(kv.value)
             if data is not None:
                 self.decision = data
         elif rest.startswith("members/"):
-            data = _json(kv.value)
+            data = read_json(kv.value)
             if data is not None:
                 self.members[rest[len("members/") :]] = data
 
@@ -333,12 +275,12 @@ class FleetMember:
         elif rest.startswith("members/"):
             self._fleet_changed()
         elif rest.startswith("intents/") and self._controller is not None:
-            data = _json(event.kv.value)
+            data = read_json(event.kv.value)
             if data is not None:
                 self._spawn(self._decide_intent(rest[len("intents/") :], data), "fleet-intent")
         elif rest.startswith("results/"):
             future = self._results.get(rest[len("results/") :])
-            data = _json(event.kv.value)
+            data = read_json(event.kv.value)
             if future is not None and not future.done() and data is not None:
                 future.set_result(data)
 
@@ -714,18 +656,3 @@ class FleetMember:
                 for host, rec in sorted(self.members.items())
             },
         }
-
-
-def _healths(record: Mapping[str, Any]) -> dict[str, Any]:
-    regions = record.get("regions")
-    if not isinstance(regions, dict):
-        return {}
-    return {name: view.get("health") for name, view in regions.items() if isinstance(view, dict)}
-
-
-def _json(raw: bytes) -> dict[str, Any] | None:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
