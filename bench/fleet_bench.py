@@ -37,13 +37,11 @@ from typing import Any
 
 from bench.failover_bench import LOAD_TIMEOUT, LoadGenerator, app_client, put
 from sidecar.fleet.localetcd import LocalEtcdCluster, etcd_version
-from tests.support.faultproxy import FaultProxy
-from tests.support.fleet import member, settled
-from tests.support.moto_region import MotoRegion, start_regions
-from tests.support.stack import HEALTH_TABLE, SidecarStack, new_app_table
+from tests.support.fleet import HOSTS, Fleet
+from tests.support.moto_region import start_regions
+from tests.support.stack import HEALTH_TABLE, new_app_table
 
 HOME, OTHER = "us-east-1", "eu-west-1"
-HOSTS = ("web-1", "web-2", "web-3")
 RESULTS = Path(__file__).resolve().parent / "results"
 LEASE_TTL = 5.0
 
@@ -52,59 +50,10 @@ def now() -> float:
     return time.monotonic()
 
 
-class Fleet:
-    def __init__(self, moto: dict[str, MotoRegion], table: str, etcd: LocalEtcdCluster, work: Path) -> None:
-        self.moto, self.table, self.etcd, self.work = moto, table, etcd, work
-        self.prefix = f"/ddb-sidecar/bench-{uuid.uuid4().hex[:8]}"
-        self.proxies: dict[str, dict[str, FaultProxy]] = {}
-        self.stacks: dict[str, SidecarStack] = {}
-
-    def start(self) -> Fleet:
-        for host in HOSTS:
-            stack, self.proxies[host] = member(
-                [self.moto[HOME], self.moto[OTHER]],
-                [self.table],
-                self.work,
-                etcd_endpoints=self.etcd.endpoints,
-                prefix=self.prefix,
-                host=host,
-                lease_ttl=LEASE_TTL,
-                health={"table": HEALTH_TABLE},
-            )
-            self.stacks[host] = stack
-            stack.start()
-        deadline = now() + 40
-        while not self.settled():
-            if now() > deadline:
-                raise RuntimeError("the fleet did not form within 40 s")
-            time.sleep(0.1)
-        return self
-
-    def status(self, host: str) -> dict[str, Any]:
-        return self.stacks[host].status()
-
-    def settled(self) -> bool:
-        try:
-            return settled([self.status(h) for h in HOSTS])
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        for stack in self.stacks.values():
-            stack.stop()
-        for proxies in self.proxies.values():
-            for p in proxies.values():
-                p.stop()
-
-    def in_other(self, key: str) -> bool:
-        got = self.moto[OTHER].client().get_item(TableName=self.table, Key={"pk": {"S": key}})
-        return "Item" in got
-
-
-def etcd_requests(etcd: LocalEtcdCluster) -> float:
+def etcd_requests(endpoints: list[str]) -> float:
     """The sum of grpc_server_handled_total over every member (requests etcd finished handling)."""
     total = 0.0
-    for endpoint in etcd.endpoints:
+    for endpoint in endpoints:
         with urllib.request.urlopen(f"{endpoint}/metrics", timeout=5) as resp:
             for line in resp.read().decode().splitlines():
                 if line.startswith("grpc_server_handled_total{"):
@@ -112,10 +61,10 @@ def etcd_requests(etcd: LocalEtcdCluster) -> float:
     return total
 
 
-def etcd_rate(etcd: LocalEtcdCluster, seconds: float = 10.0) -> float:
-    before, t = etcd_requests(etcd), now()
+def etcd_rate(endpoints: list[str], seconds: float = 10.0) -> float:
+    before, t = etcd_requests(endpoints), now()
     time.sleep(seconds)
-    return (etcd_requests(etcd) - before) / (now() - t)
+    return (etcd_requests(endpoints) - before) / (now() - t)
 
 
 def outage(fleet: Fleet, load: str, rate: float, warmup: float) -> dict[str, Any]:
@@ -129,7 +78,7 @@ def outage(fleet: Fleet, load: str, rate: float, warmup: float) -> dict[str, Any
         for host, gen in generators.items():
             gen.begin(f"{host}-{uuid.uuid4().hex[:6]}")
         time.sleep(warmup)
-        result["etcd_requests_per_s"] = etcd_rate(fleet.etcd, 5.0)
+        result["etcd_requests_per_s"] = etcd_rate(fleet.etcd_endpoints, 5.0)
     moved_before = [h for h in HOSTS if fleet.status(h)["active_region"] != HOME]
     t0 = now()
     cut_at: dict[str, float] = {}
@@ -152,7 +101,7 @@ def outage(fleet: Fleet, load: str, rate: float, warmup: float) -> dict[str, Any
             result["hosts"][host] = {
                 "status_moved_s": moved.get(host),
                 "first_ack_s": now() - cut_at[host],
-                "in_other": fleet.in_other(key),
+                "in_other": fleet.holds(OTHER, key),
             }
     else:
         time.sleep(2.0)
@@ -168,7 +117,7 @@ def outage(fleet: Fleet, load: str, rate: float, warmup: float) -> dict[str, Any
             result["hosts"][host] = {
                 "status_moved_s": moved.get(host),
                 "first_ack_s": (first.ended - cut) if first else None,
-                "in_other": fleet.in_other(first.key) if first else False,
+                "in_other": fleet.holds(OTHER, first.key) if first else False,
                 "failed": sum(1 for r in records if r.error is not None and r.ended > cut),
                 "rate_before": len(before) / 2.0,
             }
@@ -226,10 +175,12 @@ def main() -> int:
             results["etcd"] = etcd_version(etcd.binary)
             for load in ("idle", f"{args.rate:g}/s"):
                 for i in range(args.runs):
-                    fleet = Fleet(moto, table, etcd, work).start()
+                    fleet = Fleet(
+                        moto, table, etcd.endpoints, work, lease_ttl=LEASE_TTL, health={"table": HEALTH_TABLE}
+                    ).start()
                     try:
                         if load == "idle" and i == 0:
-                            results["etcd_requests_per_s_idle"] = etcd_rate(etcd, 10.0)
+                            results["etcd_requests_per_s_idle"] = etcd_rate(etcd.endpoints, 10.0)
                         r = outage(fleet, load, args.rate, args.warmup)
                     finally:
                         fleet.stop()
@@ -243,7 +194,9 @@ def main() -> int:
                         flush=True,
                     )
             for i in range(args.runs):
-                fleet = Fleet(moto, table, etcd, work).start()
+                fleet = Fleet(
+                    moto, table, etcd.endpoints, work, lease_ttl=LEASE_TTL, health={"table": HEALTH_TABLE}
+                ).start()
                 try:
                     r = leader_change(fleet)
                 finally:

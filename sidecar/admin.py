@@ -13,7 +13,7 @@ import logging
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from sidecar.core.controller import FailoverIntent, Intent, Pause, Resume
+from sidecar.core.controller import FailoverIntent, Intent, Pause, Resume, Switchover
 from sidecar.engine import Daemon
 from sidecar.fleet.member import FleetMember, FleetUnavailable
 from sidecar.metrics import metrics_registry, render_metrics
@@ -81,6 +81,10 @@ async def _run_fleet_intent(daemon: Daemon, fleet: FleetMember, intent: Intent) 
     if isinstance(intent, FailoverIntent) and result.get("ok"):
         doc["lag_ms"] = lag
         doc["unreplicated"] = daemon.unreplicated_note(intent.to, lag)
+    if isinstance(intent, Switchover):
+        for key in ("pause_ms", "held_writes", "lag_ms", "hosts", "not_reported"):
+            if key in result:
+                doc[key] = result[key]
     return web.json_response(doc, status=409 if result.get("refused") else 200)
 
 
@@ -135,6 +139,9 @@ async def _switchover(request: web.Request) -> web.Response:
             text=_error_json('expected {"to": "REGION"}'), content_type="application/json"
         )
     daemon = request.app[DAEMON]
+    if daemon.fleet is not None:
+        # every member's fence, closed before the flip and opened after it (sidecar/fleet/switchover.py)
+        return await _run_fleet_intent(daemon, daemon.fleet, Switchover(to))
     result = await daemon.switchover(to)
     doc = result.to_json()
     doc["mode"] = daemon.failover.mode

@@ -319,6 +319,15 @@ def switchover(config_path: Path, to: str) -> None:
                 f"replication lag into {to} was "
                 + ("unmeasured" if doc.get("lag_ms") is None else f"{doc['lag_ms']:g} ms")
             )
+        for host, held in sorted((doc.get("hosts") or {}).items()):  # a fleet: every member's own fence
+            pause = held.get("pause_ms")
+            click.echo(
+                f"  {host}: writes held "
+                + ("?" if pause is None else f"{pause:.0f} ms")
+                + f" ({held.get('held', 0)} held)"
+            )
+        if doc.get("not_reported"):
+            click.echo(f"  no pause reported by {', '.join(doc['not_reported'])}")
         click.echo(f"active region: {doc.get('active_region')}    mode: {doc.get('mode')}")
         return
     click.echo(f"refused: {doc.get('reason') or doc.get('error') or status}", err=True)

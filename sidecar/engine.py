@@ -205,6 +205,9 @@ class Daemon:
                     lag_ms=self.lag_ms,
                     record=self.event,
                     notify=self.notifier.notify,
+                    fence=self.fence,
+                    regions=self.regions,
+                    caught_up=self.replication_caught_up,
                 )
                 self.fleet.start()
             for name, monitor in self.monitors.items():
@@ -538,16 +541,7 @@ class Daemon:
         return False
 
     async def switchover(self, to: str) -> SwitchoverResult:
-        if self.fleet is not None:
-            # A switchover's promise (no write lost, none in both regions) needs every member's fence closed
-            # before the flip; fencing one host would break it for the others.
-            reason = (
-                f"refused switchover to {to}: a fleet-wide write fence is not implemented yet, and fencing "
-                f"this host alone would not stop the other members' writes; `ddb-sidecar failover --to {to}` "
-                "moves the whole fleet at once (say how much may be behind: see `status` replication lag)"
-            )
-            self.event("refused", reason, to=to)
-            return SwitchoverResult(False, reason, self.failover.active)
+        """This host's switchover (with coordination, the admin API posts it to the fleet instead)."""
         result = await run_switchover(self, to)
         await self._rendered(5.0)
         return result

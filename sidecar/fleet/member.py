@@ -24,18 +24,29 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
 
 from sidecar.config import Config
-from sidecar.core.controller import Intent, RegionView, State, state_from_dict, state_to_dict
+from sidecar.core.controller import (
+    Decision,
+    Intent,
+    RegionView,
+    State,
+    Switchover,
+    state_from_dict,
+    state_to_dict,
+)
 from sidecar.core.vote import FleetVote, MemberView, fingerprint, isolated, serves, vote, with_lag
 from sidecar.failover import Failover
 from sidecar.fleet.etcd import Compare, EtcdClient, EtcdError, KeyValue, LeaseExpired, Op, WatchEvent
 from sidecar.fleet.records import intent_from_json, intent_to_json, read_json, view_from_json, view_to_json
+from sidecar.fleet.switchover import MemberFence, run_fleet_switchover
 from sidecar.monitor import RegionMonitor
+from sidecar.proxy.fence import WriteFence
+from sidecar.proxy.region import RegionRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +73,9 @@ class FleetMember:
         lag_ms: Callable[[str], float | None],
         record: Callable[..., None],
         notify: Callable[[dict[str, Any]], None],
+        fence: WriteFence[RegionRuntime],
+        regions: Mapping[str, RegionRuntime],
+        caught_up: Callable[[str, str, float, float], Awaitable[bool]],
         client: EtcdClient | None = None,
     ) -> None:
         self._config = config
@@ -102,6 +116,21 @@ class FleetMember:
         self._refused_alerted: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Fleet switchover: this member's fence (every member), the acknowledgements seen (the leader).
+        self.caught_up = caught_up
+        self.member_fence = MemberFence(
+            fence,
+            regions,
+            active=lambda: self.local.active_or_none,
+            acknowledge=self._acknowledge_fence,
+            record=self._record,
+            spawn=self.spawn,
+            grace=lambda: self._config().coordination.lease_ttl + 1.0,
+        )
+        self.switchover_lock = asyncio.Lock()
+        self._fence_acks: dict[str, dict[str, dict[str, Any]]] = {}
+        self._fence_acks_changed = asyncio.Event()
+        self._failback_retry_at = 0.0
 
     # -- keys
     def _key(self, *parts: str) -> str:
@@ -112,6 +141,18 @@ class FleetMember:
         return self._controller is not None
 
     @property
+    def controller(self) -> Failover | None:
+        """The fleet's decider while this member leads (None otherwise)."""
+        return self._controller
+
+    @property
+    def config(self) -> Config:
+        return self._config()
+
+    def lag_ms(self, region: str) -> float | None:
+        return self._lag_ms(region)
+
+    @property
     def epoch(self) -> int:
         return int(self.decision.get("epoch", 0)) if self.decision else 0
 
@@ -120,6 +161,7 @@ class FleetMember:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="fleet-member")
 
     async def stop(self) -> None:
+        self.member_fence.close()
         for pending in list(self._background):
             pending.cancel()
         task, self._task = self._task, None
@@ -157,8 +199,11 @@ class FleetMember:
         kvs, revision = await self.client.get_prefix(self.prefix + "/")
         self.members.clear()
         self.leader = None
+        fence: dict[str, Any] | None = None
         for kv in kvs:
             self._load(kv)
+            if kv.key == self._key("fence"):
+                fence = read_json(kv.value)
         if self.leader == self.host:
             # our own key from before etcd was lost (its lease may still run): clear it, then campaign anew
             await self.client.txn(
@@ -168,6 +213,9 @@ class FleetMember:
         self._connected()
         if self.decision is not None:
             self._apply_decision(force=True)
+        if fence is not None or self.member_fence.current is not None:
+            # a fleet switchover that began, or ended, while we were away
+            self.member_fence.update(fence if fence is not None and fence.get("id") else None)
         if self.leader is None:
             await self._campaign()
         tasks = [
@@ -224,7 +272,7 @@ class FleetMember:
         self.last_error = None
         if was == "lost":
             down_for = time.time() - (self.lost_since or time.time())
-            self._event(
+            self.event(
                 "coordination-restored", f"etcd reachable again after {down_for:.1f} s; rejoined the fleet"
             )
         self.lost_since = None
@@ -255,16 +303,24 @@ class FleetMember:
             data = read_json(kv.value)
             if data is not None:
                 self.members[rest[len("members/") :]] = data
+        elif rest.startswith("fence-acks/"):
+            self._fence_ack(rest[len("fence-acks/") :], kv.value)
 
     def _on_event(self, event: WatchEvent) -> None:
         key = event.kv.key
         rest = key[len(self.prefix) + 1 :]
+        if rest == "fence":
+            self.member_fence.update(None if event.kind == "delete" else read_json(event.kv.value))
+            return
+        if rest.startswith("fence-acks/"):
+            self._fence_ack(rest[len("fence-acks/") :], None if event.kind == "delete" else event.kv.value)
+            return
         if event.kind == "delete":
             if rest == "leader":
                 self.leader = None
                 if self._controller is not None:
                     self._step_down("the leader key was deleted")
-                self._spawn(self._campaign_safely(), "fleet-campaign")
+                self.spawn(self._campaign_safely(), "fleet-campaign")
             elif rest.startswith("members/"):
                 self.members.pop(rest[len("members/") :], None)
                 self._fleet_changed()
@@ -277,14 +333,14 @@ class FleetMember:
         elif rest.startswith("intents/") and self._controller is not None:
             data = read_json(event.kv.value)
             if data is not None:
-                self._spawn(self._decide_intent(rest[len("intents/") :], data), "fleet-intent")
+                self.spawn(self._decide_intent(rest[len("intents/") :], data), "fleet-intent")
         elif rest.startswith("results/"):
             future = self._results.get(rest[len("results/") :])
             data = read_json(event.kv.value)
             if future is not None and not future.done() and data is not None:
                 future.set_result(data)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A named background task, referenced until done (a bare task may be collected mid-flight)."""
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
@@ -326,11 +382,12 @@ class FleetMember:
             lag_ms=self._lag_ms,
             views=self._fleet_views,
             persist=self._want_state,
+            on_switchover=self._failback_due,
         )
         start = stored or self.local.state or State(cfg.home.name)
         controller.start_with(start)
         self._controller = controller
-        self._event(
+        self.event(
             "leader", f"{self.host} leads the fleet (members: {', '.join(sorted(self.members)) or '-'})"
         )
         if stored is None:
@@ -425,7 +482,7 @@ class FleetMember:
             logger.error("fleet: decision names unknown region %s; not applied", state.active)
             return
         if self.local_override is not None:
-            self._event(
+            self.event(
                 "fleet-decision",
                 f"the fleet's decision (epoch {epoch}) replaces this host's local failover to "
                 f"{self.local_override}: {state.active} active",
@@ -435,7 +492,7 @@ class FleetMember:
         moved = self.local.follow(state, str(data.get("reason") or ""))
         self.applied_epoch = epoch
         if moved and before is not None:
-            self._event(
+            self.event(
                 "fleet-decision",
                 f"applied the fleet's decision (epoch {epoch}, leader {data.get('leader')}): {before} -> "
                 f"{state.active}: {data.get('reason') or ''}",
@@ -476,7 +533,7 @@ class FleetMember:
                     if active is not None and fleet_down
                     else f"{self.host} reaches {active} again"
                 )
-                self._event("host-rejoined", f"no longer isolated: {why}")
+                self.event("host-rejoined", f"no longer isolated: {why}")
             return
         if self.isolated or active is None:
             return
@@ -507,9 +564,13 @@ class FleetMember:
                 )
 
     # -- commands
-    async def intent(self, intent: Intent, timeout: float = INTENT_TIMEOUT) -> dict[str, Any]:  # noqa: ASYNC109
+    async def intent(self, intent: Intent, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
         """Post an operator's command to the leader; return its result once every live member has applied it
-        (or say which did not)."""
+        (or say which did not). A switchover may take its whole timeout before the leader answers."""
+        if timeout is None:
+            timeout = INTENT_TIMEOUT
+            if isinstance(intent, Switchover):
+                timeout += self._config().failover.switchover_timeout
         if self.state != "connected":
             raise FleetUnavailable(
                 f"coordination is {self.state} ({self.last_error or 'etcd unreachable'}): the fleet cannot take "
@@ -561,10 +622,12 @@ class FleetMember:
         except ValueError as exc:
             answer: dict[str, Any] = {"ok": False, "refused": True, "reason": str(exc), "epoch": self.epoch}
         else:
+            if isinstance(intent, Switchover):
+                answer = await run_fleet_switchover(self, intent.to, failback=intent.failback)
+                await self._answer(ident, answer)
+                return
             decision = controller.intent(intent)
-            if self._state_wanted.is_set() or not self._state_published.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._state_published.wait(), 5.0)
+            await self.decision_published()
             answer = {
                 "ok": not decision.refused,
                 "refused": decision.refused,
@@ -574,11 +637,95 @@ class FleetMember:
                 "mode": controller.mode,
                 "leader": self.host,
             }
+        await self._answer(ident, answer)
+
+    async def _answer(self, ident: str, answer: Mapping[str, Any]) -> None:
         try:
             await self.client.put(self._key("results", ident), orjson.dumps(answer), lease=self._lease)
             await self.client.delete(self._key("intents", ident))
         except (EtcdError, OSError, TimeoutError) as exc:
             logger.warning("fleet: could not answer command %s: %s", ident, exc)
+
+    # -- the fleet switchover (sidecar/fleet/switchover.py): what it uses of the member
+    def decide(self, intent: Intent) -> Decision:
+        assert self._controller is not None
+        return self._controller.intent(intent)
+
+    async def decision_published(self, within: float = 5.0) -> None:
+        """Wait until the decision the controller just made is in etcd (or `within` passed)."""
+        if self._state_wanted.is_set() or not self._state_published.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_published.wait(), within)
+
+    async def leader_put(self, name: str, data: Mapping[str, Any]) -> bool:
+        """Write P/name bound to our lease, only while the leader key is still ours."""
+        if self._controller is None:
+            return False
+        try:
+            result = await self.client.txn(
+                [Compare.create_revision(self._key("leader"), "==", self._leader_rev)],
+                [Op.put(self._key(name), orjson.dumps(data), lease=self._lease)],
+            )
+        except (EtcdError, OSError, TimeoutError) as exc:
+            logger.warning("fleet: could not write %s: %s", name, exc)
+            return False
+        if not result.succeeded:
+            self._step_down(f"etcd refused {name}: the leader key is no longer ours")
+        return result.succeeded
+
+    async def _acknowledge_fence(self, ident: str, ack: dict[str, Any]) -> None:
+        try:
+            await self.client.put(
+                self._key("fence-acks", ident, self.host),
+                orjson.dumps({**ack, "at": time.time()}),
+                lease=self._lease,
+            )
+        except (EtcdError, OSError, TimeoutError) as exc:
+            logger.warning("fleet: could not acknowledge fence %s: %s", ident, exc)
+
+    def _fence_ack(self, rest: str, raw: bytes | None) -> None:
+        ident, _, host = rest.partition("/")
+        if raw is None:
+            self._fence_acks.get(ident, {}).pop(host, None)
+            return
+        data = read_json(raw)
+        if data is not None and host:
+            self._fence_acks.setdefault(ident, {})[host] = data
+            self._fence_acks_changed.set()
+
+    async def fence_acks(
+        self, ident: str, hosts: list[str], field: str, deadline: float
+    ) -> dict[str, dict[str, Any]]:
+        """The acknowledgements with `field` set, once every one of `hosts` has given it or at `deadline`
+        (loop time). A member that left meanwhile (its lease expired: frozen, or cut off from etcd) is still
+        waited for: it may wake up and send writes, so its silence aborts the switchover."""
+        loop = asyncio.get_running_loop()
+        while True:
+            got = {h: a for h, a in self._fence_acks.get(ident, {}).items() if a.get(field)}
+            if all(h in got for h in hosts) or loop.time() >= deadline:
+                return got
+            self._fence_acks_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fence_acks_changed.wait(), max(0.0, deadline - loop.time()))
+
+    async def forget_fence_acks(self, ident: str, *, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._fence_acks.pop(ident, None)
+        with contextlib.suppress(EtcdError, OSError, TimeoutError):
+            await self.client.delete(self._key("fence-acks", ident) + "/", prefix=True)
+
+    def _failback_due(self, to: str) -> None:
+        """The fleet's controller wants an automatic failback: a fleet switchover (one at a time; after a
+        refused one, a hold-down before the next try)."""
+        if self.switchover_lock.locked() or time.monotonic() < self._failback_retry_at:
+            return
+
+        async def failback() -> None:
+            result = await run_fleet_switchover(self, to, failback=True)
+            if not result.get("ok"):
+                self._failback_retry_at = time.monotonic() + max(self._config().failover.hold_down, 1.0)
+
+        self.spawn(failback(), "fleet-failback")
 
     def break_glass(self, to: str) -> str:
         """`failover --to REGION --local`: this host alone, against the fleet (while etcd is lost)."""
@@ -590,7 +737,7 @@ class FleetMember:
         )
 
     # -- telling people
-    def _event(self, kind: str, reason: str, **extra: Any) -> None:
+    def event(self, kind: str, reason: str, **extra: Any) -> None:
         self._record(kind, reason, **extra)
 
     def _alert(self, kind: str, message: str) -> None:

@@ -9,7 +9,6 @@ new region afterwards, and no write was acknowledged by the old region after the
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.support.globaltables import GlobalTables
 from tests.support.moto_region import MotoRegion
 from tests.support.stack import SIDECAR, SidecarStack
+from tests.support.traffic import Writers
 from tests.support.wait import wait_until
 
 HOME, OTHER = "us-east-1", "eu-west-1"
@@ -70,39 +69,6 @@ def cli(stack: SidecarStack, *args: str) -> subprocess.CompletedProcess[str]:
         [str(SIDECAR), *args, "-c", str(stack.config_path)],
         capture_output=True, text=True, timeout=60, env=stack.env, check=False,
     )  # fmt: skip
-
-
-class Writers:
-    """Several app threads writing unique items through the stable address as fast as they can."""
-
-    def __init__(self, stack: SidecarStack, table: str, threads: int = 4) -> None:
-        self.stack, self.table = stack, table
-        self.acked: list[tuple[float, float, str]] = []  # (sent, acked, key)
-        self.failed: list[str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def __enter__(self) -> Writers:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def _run(self, worker: int) -> None:
-        client = self.stack.client(connect_timeout=10, read_timeout=10)
-        while not self._stop.is_set():
-            key = f"w{worker}-{uuid.uuid4().hex[:12]}"
-            sent = time.monotonic()
-            try:
-                client.put_item(TableName=self.table, Item={"pk": {"S": key}})
-                self.acked.append((sent, time.monotonic(), key))
-            except (ClientError, BotoCoreError) as exc:
-                self.failed.append(f"{key}: {exc}")
-            self._stop.wait(0.01)
 
 
 def test_lag_is_measured_from_heartbeats(

@@ -58,3 +58,36 @@ class Traffic:
 
     def acked_after(self, t: float) -> list[str]:
         return [key for at, key, _ in self.acked if at > t]
+
+
+class Writers:
+    """Several app threads writing unique items through the stable address as fast as they can."""
+
+    def __init__(self, stack: SidecarStack, table: str, threads: int = 4) -> None:
+        self.stack, self.table = stack, table
+        self.acked: list[tuple[float, float, str]] = []  # (sent, acked, key)
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> Writers:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, worker: int) -> None:
+        client = self.stack.client(connect_timeout=10, read_timeout=10)
+        while not self._stop.is_set():
+            key = f"w{worker}-{uuid.uuid4().hex[:12]}"
+            sent = time.monotonic()
+            try:
+                client.put_item(TableName=self.table, Item={"pk": {"S": key}})
+                self.acked.append((sent, time.monotonic(), key))
+            except (ClientError, BotoCoreError) as exc:
+                self.failed.append(f"{key}: {exc}")
+            self._stop.wait(0.01)

@@ -8,11 +8,7 @@ quick test ones (interval 250 ms, timeout 400 ms, fall 2); lease_ttl is 3 s.
 
 from __future__ import annotations
 
-import itertools
-import os
 import signal
-import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,26 +17,13 @@ import pytest
 from botocore.exceptions import ClientError
 
 from sidecar.fleet.localetcd import LocalEtcdCluster
-from tests.support.faultproxy import FaultProxy
-from tests.support.fleet import member, settled
+from tests.support.fleet import HOSTS, Fleet
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import DEFAULT_TEST_HEALTH, SIDECAR, SidecarStack, new_app_table
+from tests.support.stack import new_app_table
 from tests.support.wait import wait_until
 
 HOME, OTHER = "us-east-1", "eu-west-1"
-HOSTS = ("web-1", "web-2", "web-3")
 LEASE_TTL = 3.0
-_fleets = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcdCluster]:
-    cluster = LocalEtcdCluster(3, tmp_path_factory.mktemp("etcd"))
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop_all()
 
 
 @pytest.fixture(scope="module")
@@ -48,94 +31,11 @@ def table(moto_regions: dict[str, MotoRegion]) -> str:
     return new_app_table(moto_regions.values(), "fleet")
 
 
-class Fleet:
-    """Three hosts: a sidecar each, with a fault proxy per region of its own."""
-
-    def __init__(
-        self,
-        moto: dict[str, MotoRegion],
-        table: str,
-        etcd: LocalEtcdCluster,
-        log_dir: Path,
-        tables: list[str] | None = None,
-    ) -> None:
-        self.prefix = f"/ddb-sidecar/test-{next(_fleets)}-{uuid.uuid4().hex[:6]}"
-        self.moto, self.table, self.etcd, self.log_dir = moto, table, etcd, log_dir
-        self.proxies: dict[str, dict[str, FaultProxy]] = {}
-        self.stacks: dict[str, SidecarStack] = {}
-        self._tables = tables
-
-    def add(self, host: str, tables: list[str] | None = None) -> SidecarStack:
-        stack, self.proxies[host] = member(
-            [self.moto[HOME], self.moto[OTHER]],
-            tables or [self.table],
-            self.log_dir,
-            etcd_endpoints=self.etcd.endpoints,
-            prefix=self.prefix,
-            host=host,
-            lease_ttl=LEASE_TTL,
-            health=DEFAULT_TEST_HEALTH,
-        )
-        self.stacks[host] = stack
-        stack.start()
-        return stack
-
-    def start(self) -> Fleet:
-        for host in HOSTS:
-            self.add(host)
-        for stack in self.stacks.values():
-            stack.wait_regions_up()
-        wait_until(self.settled, 20, message="three members, one leader, one decision applied everywhere")
-        return self
-
-    def settled(self) -> bool:
-        return settled([s.status() for s in self.stacks.values()])
-
-    def stop(self) -> None:
-        for stack in self.stacks.values():
-            stack.stop()
-        for proxies in self.proxies.values():
-            for p in proxies.values():
-                p.stop()
-
-    def status(self, host: str) -> dict[str, Any]:
-        return self.stacks[host].status()
-
-    def active(self) -> dict[str, str]:
-        return {host: str(s.status()["active_region"]) for host, s in self.stacks.items()}
-
-    def leader(self) -> str:
-        return str(next(iter(self.stacks.values())).status()["coordination"]["leader"])
-
-    def lands_in(self, host: str) -> set[str]:
-        """Write a new item through `host`'s stable address; the regions whose own data then holds it."""
-        key = f"{host}-{uuid.uuid4().hex[:8]}"
-        client = self.stacks[host].client(
-            read_timeout=3, connect_timeout=3, retries={"total_max_attempts": 1}
-        )
-        client.put_item(TableName=self.table, Item={"pk": {"S": key}})
-        return {
-            name
-            for name, region in self.moto.items()
-            if "Item" in region.client().get_item(TableName=self.table, Key={"pk": {"S": key}})
-        }
-
-    def cli(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
-        stack = self.stacks[host]
-        return subprocess.run(
-            [str(SIDECAR), *args, "-c", str(stack.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=40,
-            env={**os.environ, **stack.env},
-        )
-
-
 @pytest.fixture
 def fleet(
     moto_regions: dict[str, MotoRegion], table: str, etcd: LocalEtcdCluster, tmp_path: Path
 ) -> Iterator[Fleet]:
-    f = Fleet(moto_regions, table, etcd, tmp_path)
+    f = Fleet(moto_regions, table, etcd.endpoints, tmp_path, lease_ttl=LEASE_TTL)
     try:
         yield f.start()
     finally:
@@ -222,9 +122,9 @@ def test_operator_commands_from_a_non_leader_act_on_the_whole_fleet(fleet: Fleet
     assert refused.returncode == 1 and "refused" in refused.stderr
 
 
-def test_losing_etcd_keeps_serving_and_converges_without_a_flip(fleet: Fleet) -> None:
+def test_losing_etcd_keeps_serving_and_converges_without_a_flip(fleet: Fleet, etcd: LocalEtcdCluster) -> None:
     for i in range(3):
-        fleet.etcd.kill(i)
+        etcd.kill(i)
     try:
         wait_until(
             lambda: all(fleet.status(h)["coordination"]["state"] == "lost" for h in HOSTS),
@@ -237,7 +137,7 @@ def test_losing_etcd_keeps_serving_and_converges_without_a_flip(fleet: Fleet) ->
         refused = fleet.cli("web-2", "failover", "--to", OTHER)
         assert refused.returncode != 0 and "--local" in refused.stderr
     finally:
-        fleet.etcd.restart_all()
+        etcd.restart_all()
     wait_until(
         lambda: all(fleet.status(h)["coordination"]["state"] == "connected" for h in HOSTS),
         30,
@@ -249,15 +149,15 @@ def test_losing_etcd_keeps_serving_and_converges_without_a_flip(fleet: Fleet) ->
         assert not [e for e in fleet.status(host)["events"] if e["kind"] in ("failover", "fleet-decision")]
 
 
-def test_losing_one_etcd_member_changes_nothing(fleet: Fleet) -> None:
-    fleet.etcd.kill(0)
+def test_losing_one_etcd_member_changes_nothing(fleet: Fleet, etcd: LocalEtcdCluster) -> None:
+    etcd.kill(0)
     try:
         done = fleet.cli("web-3", "pause")
         assert done.returncode == 0, done.stderr
         assert {fleet.status(h)["coordination"]["state"] for h in HOSTS} == {"connected"}
         assert {fleet.status(h)["mode"] for h in HOSTS} == {"paused"}
     finally:
-        fleet.etcd.restart(0)
+        etcd.restart(0)
 
 
 def test_a_member_serving_other_tables_is_refused_as_a_voter(
