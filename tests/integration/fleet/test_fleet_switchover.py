@@ -32,14 +32,21 @@ DELAY = 0.3
 SWITCHOVER_TIMEOUT = 3.0
 
 
-@pytest.fixture
-def fleet(moto_regions: dict[str, MotoRegion], etcd: LocalEtcdCluster, tmp_path: Path) -> Iterator[Fleet]:
+@contextlib.contextmanager
+def replicated_fleet(
+    moto_regions: dict[str, MotoRegion],
+    etcd: LocalEtcdCluster,
+    tmp_path: Path,
+    source: str = HOME,
+    **failover: str,
+) -> Iterator[Fleet]:
+    """A fleet whose app and health tables replicate one way, from `source` to the other region."""
     suffix = uuid.uuid4().hex[:8]
     app, health = f"fso-app-{suffix}", f"fso-health-{suffix}"
     for region in moto_regions.values():
         region.create_table(app, stream=True)
         region.create_table(health, stream=True)
-    src, dst = moto_regions[HOME], moto_regions[OTHER]
+    src, dst = moto_regions[source], next(r for n, r in moto_regions.items() if n != source)
     with GlobalTables(src, dst, [app, health], tmp_path, {**src.env()}, delay=DELAY):
         f = Fleet(
             moto_regions,
@@ -47,18 +54,23 @@ def fleet(moto_regions: dict[str, MotoRegion], etcd: LocalEtcdCluster, tmp_path:
             etcd.endpoints,
             tmp_path,
             health={**DEFAULT_TEST_HEALTH, "table": health},
-            extra={"failover": {"switchover_timeout": f"{SWITCHOVER_TIMEOUT:g}s"}},
+            extra={"failover": {"switchover_timeout": f"{SWITCHOVER_TIMEOUT:g}s", **failover}},
         )
         try:
-            f.start()
-            wait_until(
-                lambda: all(f.status(h)["replication"]["lag_ms"] is not None for h in HOSTS),
-                20,
-                message="every member measures the lag into eu-west-1",
-            )
-            yield f
+            yield f.start()
         finally:
             f.stop()
+
+
+@pytest.fixture
+def fleet(moto_regions: dict[str, MotoRegion], etcd: LocalEtcdCluster, tmp_path: Path) -> Iterator[Fleet]:
+    with replicated_fleet(moto_regions, etcd, tmp_path) as f:
+        wait_until(
+            lambda: all(f.status(h)["replication"]["lag_ms"] is not None for h in HOSTS),
+            20,
+            message="every member measures the lag into eu-west-1",
+        )
+        yield f
 
 
 def test_switchover_from_a_non_leader_fences_every_member_and_loses_nothing(
@@ -140,3 +152,36 @@ def test_a_member_that_does_not_acknowledge_aborts_the_switchover_with_nothing_m
     for h, w in writers.items():
         assert not w.failed, (h, w.failed[:5])
         assert fleet.status(h)["fence"]["closed"] is False
+
+
+def test_automatic_failback_in_a_fleet_goes_home_through_a_fleet_switchover(
+    moto_regions: dict[str, MotoRegion], etcd: LocalEtcdCluster, tmp_path: Path
+) -> None:
+    """failback: automatic. After an operator failover to eu-west-1 (replication now eu-west-1 ->
+    us-east-1), the leader takes the whole fleet home once the hold-down is over and the lag into home is
+    below max_lag, with every member's writes held until replication has caught up."""
+    with replicated_fleet(
+        moto_regions, etcd, tmp_path, source=OTHER, failback="automatic", hold_down="3s", max_lag="2s"
+    ) as fleet:
+        moved = fleet.cli(HOSTS[1], "failover", "--to", OTHER)
+        assert moved.returncode == 0, moved.stderr
+        assert fleet.active() == dict.fromkeys(HOSTS, OTHER)
+        writers = {h: Writers(fleet.stacks[h], fleet.table, threads=1) for h in HOSTS}
+        with contextlib.ExitStack() as running:
+            for w in writers.values():
+                running.enter_context(w)
+            wait_until(
+                lambda: set(fleet.active().values()) == {HOME}, 30, message="the fleet failed back home"
+            )
+            back = time.monotonic()
+            wait_until(
+                lambda: all(len([a for a in w.acked if a[0] > back]) >= 10 for w in writers.values()),
+                20,
+                message="writes after the failback",
+            )
+        leader = fleet.leader()
+        failback = next(e for e in fleet.status(leader)["events"] if e["kind"] == "failback")
+        assert "switched over with writes held" in failback["reason"]
+        for h in HOSTS:
+            assert not writers[h].failed, (h, writers[h].failed[:5])
+            assert "fence-released" in [e["kind"] for e in fleet.status(h)["events"]]
