@@ -16,7 +16,11 @@ The default load is 50 writes/s per host (150/s in all). On the 2-core test mach
 Python fault proxy, a sidecar and HAProxy, and all of it shares the cores with one moto process: at 100/s
 per host only 0-21 writes/s were acknowledged before the cut and the fleet had moved on its own (a real
 overload, not the fleet's doing), so the issue's 200/s per host cannot be measured here.
-Not measured: the switchover's write pause per host (a fleet-wide switchover is not built yet).
+- the switchover's write pause per host: tables replicated us-east-1 -> eu-west-1 by the Global Tables
+  stand-in (tests/support/globaltables.py, DELAY_S added to each record), two writer threads per host
+  writing as fast as they are answered, `ddb-sidecar switchover --to eu-west-1` typed on a non-leader; per
+  host, the longest wait of any write sent while the command ran (the client's view of the pause), beside
+  the pause each member reports and the lag the leader measured when the fences closed. Goal: lag + 400 ms.
 Raw numbers go to bench/results/fleet-<timestamp>.json.
 """
 
@@ -30,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -38,8 +43,10 @@ from typing import Any
 from bench.failover_bench import LOAD_TIMEOUT, LoadGenerator, app_client, put
 from sidecar.fleet.localetcd import LocalEtcdCluster, etcd_version
 from tests.support.fleet import HOSTS, Fleet
-from tests.support.moto_region import start_regions
+from tests.support.globaltables import GlobalTables
+from tests.support.moto_region import MotoRegion, start_regions
 from tests.support.stack import HEALTH_TABLE, new_app_table
+from tests.support.traffic import Writers
 
 HOME, OTHER = "us-east-1", "eu-west-1"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,6 +159,74 @@ def leader_change(fleet: Fleet) -> dict[str, Any]:
     return {"old": leader, "new": new, "took_s": took, "active_after": sorted(active)}
 
 
+DELAY_S = 0.3
+
+
+def switchover(moto: dict[str, MotoRegion], etcd: LocalEtcdCluster, work: Path) -> dict[str, Any]:
+    suffix = uuid.uuid4().hex[:8]
+    app, health = f"benchfleet-so-{suffix}", f"benchfleet-so-health-{suffix}"
+    for region in moto.values():
+        region.create_table(app, stream=True)
+        region.create_table(health, stream=True)
+    result: dict[str, Any] = {}
+    with GlobalTables(moto[HOME], moto[OTHER], [app, health], work, {**moto[HOME].env()}, delay=DELAY_S):
+        fleet = Fleet(moto, app, etcd.endpoints, work, lease_ttl=LEASE_TTL, health={"table": health}).start()
+        try:
+            deadline = now() + 30
+            while any(fleet.status(h)["replication"]["lag_ms"] is None for h in HOSTS) and now() < deadline:
+                time.sleep(0.1)
+            host = next(h for h in HOSTS if h != fleet.leader())
+            writers = {h: Writers(fleet.stacks[h], app, threads=2) for h in HOSTS}
+            for w in writers.values():
+                w.__enter__()
+            try:
+                time.sleep(2.0)
+                t0 = now()
+                doc = admin_switchover(fleet, host)
+                t1 = now()
+                time.sleep(1.0)
+            finally:
+                for w in writers.values():
+                    w.__exit__()
+            result = {
+                "from_host": host,
+                "ok": doc.get("ok"),
+                "reason": doc.get("reason"),
+                "lag_ms": doc.get("lag_ms"),
+                "command_s": t1 - t0,
+                "hosts": {
+                    h: {
+                        "client_max_wait_ms": max(
+                            ((at - sent) * 1000 for sent, at, _ in writers[h].acked if t0 <= sent <= t1),
+                            default=None,
+                        ),
+                        "reported_pause_ms": (doc.get("hosts") or {}).get(h, {}).get("pause_ms"),
+                        "failed": len(writers[h].failed),
+                    }
+                    for h in HOSTS
+                },
+                "active_after": sorted(set(fleet.active().values())),
+            }
+        finally:
+            fleet.stop()
+    return result
+
+
+def admin_switchover(fleet: Fleet, host: str) -> dict[str, Any]:
+    """POST /switchover to `host`'s admin API (the CLI's call; its JSON answer has every host's pause)."""
+    request = urllib.request.Request(
+        f"{fleet.stacks[host].admin_url}/switchover",
+        data=json.dumps({"to": OTHER}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        return dict(json.loads(exc.read()))
+
+
 def _stat(values: list[float]) -> str:
     if not values:
         return "-"
@@ -163,17 +238,27 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=50.0, help="writes/s per host under load (default 50)")
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument(
+        "--parts", default="outage,leader,switchover", help="what to measure (default: all three)"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     work = Path(tempfile.mkdtemp(prefix="benchfleet"))
     moto_list = start_regions([HOME, OTHER], work)
     moto = {r.name: r for r in moto_list}
-    results: dict[str, Any] = {"rate_per_host": args.rate, "runs": args.runs, "outage": [], "leader": []}
+    results: dict[str, Any] = {
+        "rate_per_host": args.rate,
+        "runs": args.runs,
+        "outage": [],
+        "leader": [],
+        "switchover": [],
+    }
     try:
         table = new_app_table(moto.values(), "benchfleet")
         with LocalEtcdCluster(3, work / "etcd") as etcd:
             results["etcd"] = etcd_version(etcd.binary)
-            for load in ("idle", f"{args.rate:g}/s"):
+            parts = set(args.parts.split(","))
+            for load in ("idle", f"{args.rate:g}/s") if "outage" in parts else ():
                 for i in range(args.runs):
                     fleet = Fleet(
                         moto, table, etcd.endpoints, work, lease_ttl=LEASE_TTL, health={"table": HEALTH_TABLE}
@@ -193,7 +278,7 @@ def main() -> int:
                         f"outage for all, {load}, run {i + 1}: {per}; fleet worst {r['fleet_worst_s']}",
                         flush=True,
                     )
-            for i in range(args.runs):
+            for i in range(args.runs if "leader" in parts else 0):
                 fleet = Fleet(
                     moto, table, etcd.endpoints, work, lease_ttl=LEASE_TTL, health={"table": HEALTH_TABLE}
                 ).start()
@@ -204,6 +289,19 @@ def main() -> int:
                 results["leader"].append(r)
                 print(
                     f"leader change, run {i + 1}: {r['old']} -> {r['new']} in {r['took_s']:.2f} s", flush=True
+                )
+            for i in range(args.runs if "switchover" in parts else 0):
+                r = switchover(moto, etcd, work)
+                results["switchover"].append(r)
+                waits = ", ".join(
+                    f"{h} {v['client_max_wait_ms']:.0f} ms"
+                    if v["client_max_wait_ms"] is not None
+                    else f"{h} -"
+                    for h, v in r["hosts"].items()
+                )
+                print(
+                    f"switchover, run {i + 1}: ok {r['ok']}, lag {r['lag_ms']} ms; longest write: {waits}",
+                    flush=True,
                 )
     finally:
         for r in moto_list:
@@ -217,7 +315,7 @@ def main() -> int:
     print(
         "  to the first write sent after it and acknowledged through that host (key read back from eu-west-1)"
     )
-    for load in ("idle", f"{args.rate:g}/s"):
+    for load in ("idle", f"{args.rate:g}/s") if results["outage"] else ():
         rows = [r for r in results["outage"] if r["load"] == load]
         for host in HOSTS:
             values = [
@@ -229,11 +327,33 @@ def main() -> int:
         worst = [r["fleet_worst_s"] for r in rows if r["fleet_worst_s"] is not None]
         print(f"  {load:<7} fleet worst: {_stat(worst)} s ({len(worst)}/{len(rows)} runs moved every host)")
     changes = [r["took_s"] for r in results["leader"] if r["new"]]
-    print(f"  leader change after kill -9: {_stat(changes)} s (lease_ttl {LEASE_TTL:g} s; nothing moved: "
-          f"{all(r['active_after'] == [HOME] for r in results['leader'])})")  # fmt: skip
+    if results["leader"]:
+        moved_nothing = all(r["active_after"] == [HOME] for r in results["leader"])
+        print(
+            f"  leader change after kill -9: {_stat(changes)} s "
+            f"(lease_ttl {LEASE_TTL:g} s; nothing moved: {moved_nothing})"
+        )
+    for host in HOSTS:
+        waits = [r["hosts"][host]["client_max_wait_ms"] for r in results["switchover"] if r["ok"]]
+        reported = [r["hosts"][host]["reported_pause_ms"] for r in results["switchover"] if r["ok"]]
+        over = [
+            r["hosts"][host]["client_max_wait_ms"] - (r["lag_ms"] or 0)
+            for r in results["switchover"]
+            if r["ok"] and r["hosts"][host]["client_max_wait_ms"] is not None
+        ]
+        failed = [r["hosts"][host]["failed"] for r in results["switchover"]]
+        print(
+            f"  switchover {host}: longest write {_stat([w for w in waits if w is not None])} ms, "
+            f"reported pause {_stat([p for p in reported if p is not None])} ms, "
+            f"longest write minus lag {_stat(over)} ms, failed {failed}"
+        )
+    oks = [r["ok"] for r in results["switchover"]]
+    lags = [r["lag_ms"] for r in results["switchover"] if r["lag_ms"] is not None]
+    print(f"  switchover: {sum(bool(o) for o in oks)}/{len(oks)} done, lag at the fence {_stat(lags)} ms")
     idle_rate = results.get("etcd_requests_per_s_idle")
     loaded = [r["etcd_requests_per_s"] for r in results["outage"] if "etcd_requests_per_s" in r]
-    print(f"  etcd requests/s at steady state: idle {idle_rate:.1f}, under load {_stat(loaded)}")
+    if idle_rate is not None:
+        print(f"  etcd requests/s at steady state: idle {idle_rate:.1f}, under load {_stat(loaded)}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"fleet-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
