@@ -672,19 +672,7 @@ def semantic_problems(config: Config, *, check_environment: bool = True) -> list
         + _clients_problems(config.clients, check_environment=check_environment)
         + _unix_listener_problems(config)
         + _notify_problems(config.notify, check_environment=check_environment)
-        + _coordination_problems(config)
     )
-
-
-def _coordination_problems(config: Config) -> list[str]:
-    if config.coordination.enabled and config.replication.mode == "streams":
-        # Every member would run a replicator over the same shards; the leader-only replicator with shared
-        # checkpoints is not built yet.
-        return [
-            "coordination.backend: etcd with replication.mode streams is not supported yet (every host would "
-            "replicate the same shards); use global-tables, or run one host without coordination"
-        ]
-    return []
 
 
 def _unix_listener_problems(config: Config) -> list[str]:

@@ -29,6 +29,7 @@ from sidecar.core.controller import Decision, Intent, desired_weights
 from sidecar.core.gate import GatePolicy
 from sidecar.core.health import Cause, HealthState
 from sidecar.failover import STATE_FILE, Failover, load_state
+from sidecar.fleet.checkpoints import etcd_checkpoints
 from sidecar.fleet.member import FleetMember
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.process import HAProxyProcess
@@ -134,6 +135,7 @@ class Daemon:
         self.fleet: FleetMember | None = None
         self.fence: WriteFence[RegionRuntime] = WriteFence()
         self.switchover_lock = asyncio.Lock()
+        self._replicator_lock = asyncio.Lock()
         self._failback_retry_at = 0.0
         self._render_task: asyncio.Task[None] | None = None
         self._config_digest: str | None = None
@@ -208,12 +210,14 @@ class Daemon:
                     fence=self.fence,
                     regions=self.regions,
                     caught_up=self.replication_caught_up,
+                    on_leadership=self._leadership_changed,
                 )
                 self.fleet.start()
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
             self._spawn(self.heartbeats.run(), "heartbeats")
-            if cfg.replication.mode == "streams":
+            if cfg.replication.mode == "streams" and self.fleet is None:
+                # (in a fleet only the leader replicates: `_leadership_changed`)
                 self.replicator = StreamReplicator(
                     lambda: self.config,
                     self.credentials.current,
@@ -504,9 +508,38 @@ class Daemon:
 
         self._spawn(failback(), "failback")
 
+    def _leadership_changed(self, leading: bool) -> None:
+        if self.config.replication.mode == "streams":
+            self._spawn(self._replicate_if_leading(), "replicator-leadership")
+
+    async def _replicate_if_leading(self) -> None:
+        """Streams mode in a fleet: exactly one replicator, the leader's, its checkpoints in etcd so that the
+        next leader resumes where this one stopped (and a deposed one's late checkpoint is refused)."""
+        async with self._replicator_lock:
+            leading = self.fleet is not None and self.fleet.is_leader
+            if leading and self.replicator is None and self.fleet is not None:
+                self.replicator = StreamReplicator(
+                    lambda: self.config,
+                    self.credentials.current,
+                    self.config.state_dir,
+                    source_region=self.failover.active,
+                    checkpoints=etcd_checkpoints(self.fleet),
+                )
+                await self.replicator.start()
+                self.event(
+                    "replicator", f"this host leads the fleet: replicating from {self.failover.active}"
+                )
+            elif not leading and self.replicator is not None:
+                replicator, self.replicator = self.replicator, None
+                await replicator.stop()
+                self.event("replicator", "this host no longer leads the fleet: its replicator stopped")
+
     def lag_ms(self, region: str) -> float | None:
         """Replication lag from the active region into `region`: the stream replicator's own account in
-        `streams` mode, heartbeats otherwise (None: unmeasured, or `region` is the active one)."""
+        `streams` mode, heartbeats otherwise (None: unmeasured, or `region` is the active one). In a fleet,
+        the leader's figure."""
+        if self.fleet is not None and not self.fleet.is_leader:
+            return self.fleet.leader_lag_ms(region)
         if self.replicator is not None:
             if (
                 region == self.failover.active_or_none

@@ -10,6 +10,11 @@ Keys under `coordination.prefix` (P below):
                    the key it created, so a deposed leader's late write is rejected by etcd
   P/intents/ID     an operator's command, posted by any member; the leader decides it and answers in
   P/results/ID
+  P/fence, P/fence-acks/ID/HOST
+                   a fleet-wide switchover's write fence (sidecar/fleet/switchover.py)
+  P/lag            the replication lag the leader measures, once a second: the fleet's one figure
+  P/checkpoints/SOURCE--TARGET--TABLE
+                   streams mode: the leader's replicator's checkpoints (sidecar/fleet/checkpoints.py)
 Who decides: the leader runs the pure controller (through a `Failover` shell whose views are the fleet
 vote, `core.vote`, and whose state lives in P/decision). Who applies: every member, the leader included,
 watches P/decision and hands it to its local follower (`Failover.follow`, which calls the `Applier`).
@@ -54,6 +59,8 @@ VERSION = "0.1.0"
 RETRY = 1.0  # seconds between attempts to reach etcd while it is lost
 PUBLISH_EVERY = 0.05  # at most this often, the member record is rewritten after health changes
 INTENT_TIMEOUT = 10.0
+LAG_EVERY = 1.0  # the leader publishes the replication lag it measures this often
+LAG_STALE = 5.0  # a published lag older than this (as received) is unmeasured
 
 
 class FleetUnavailable(Exception):
@@ -76,6 +83,7 @@ class FleetMember:
         fence: WriteFence[RegionRuntime],
         regions: Mapping[str, RegionRuntime],
         caught_up: Callable[[str, str, float, float], Awaitable[bool]],
+        on_leadership: Callable[[bool], None] | None = None,
         client: EtcdClient | None = None,
     ) -> None:
         self._config = config
@@ -131,6 +139,9 @@ class FleetMember:
         self._fence_acks: dict[str, dict[str, dict[str, Any]]] = {}
         self._fence_acks_changed = asyncio.Event()
         self._failback_retry_at = 0.0
+        self._on_leadership = on_leadership
+        self._leader_lag: dict[str, Any] = {}
+        self._leader_lag_at: float | None = None
 
     # -- keys
     def _key(self, *parts: str) -> str:
@@ -222,6 +233,7 @@ class FleetMember:
             asyncio.create_task(self._keepalive(ttl), name="fleet-keepalive"),
             asyncio.create_task(self._watch(revision + 1), name="fleet-watch"),
             asyncio.create_task(self._publisher(), name="fleet-publisher"),
+            asyncio.create_task(self._publish_lag(), name="fleet-lag"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -315,6 +327,12 @@ class FleetMember:
         if rest.startswith("fence-acks/"):
             self._fence_ack(rest[len("fence-acks/") :], None if event.kind == "delete" else event.kv.value)
             return
+        if rest == "lag":
+            data = read_json(event.kv.value) if event.kind != "delete" else None
+            lag = data.get("lag_ms") if data is not None else None
+            self._leader_lag = lag if isinstance(lag, dict) else {}
+            self._leader_lag_at = time.monotonic() if data is not None else None
+            return
         if event.kind == "delete":
             if rest == "leader":
                 self.leader = None
@@ -393,6 +411,8 @@ class FleetMember:
         if stored is None:
             self._want_state(start)  # the first decision of a new fleet: what this host does
         controller.poke()
+        if self._on_leadership is not None:
+            self._on_leadership(True)
 
     def _step_down(self, why: str) -> None:
         controller, self._controller = self._controller, None
@@ -400,6 +420,8 @@ class FleetMember:
             controller.close()
             self._leader_rev = 0
             logger.warning("fleet: %s no longer leads: %s", self.host, why)
+            if self._on_leadership is not None:
+                self._on_leadership(False)
 
     def _stored_state(self) -> State | None:
         if self.decision is None:
@@ -672,6 +694,41 @@ class FleetMember:
         if not result.succeeded:
             self._step_down(f"etcd refused {name}: the leader key is no longer ours")
         return result.succeeded
+
+    # -- the leader's replicator (streams mode): checkpoints and the fleet's lag figure
+    async def checkpoint(self, name: str) -> bytes | None:
+        kv = await self.client.get(self._key("checkpoints", name))
+        return kv.value if kv is not None else None
+
+    async def save_checkpoint(self, name: str, data: bytes) -> bool:
+        """Not lease-bound (a checkpoint outlives its leader); refused unless the leader key is ours."""
+        if self._controller is None:
+            return False
+        try:
+            result = await self.client.txn(
+                [Compare.create_revision(self._key("leader"), "==", self._leader_rev)],
+                [Op.put(self._key("checkpoints", name), data)],
+            )
+        except (EtcdError, OSError, TimeoutError) as exc:
+            logger.warning("fleet: could not save checkpoint %s: %s", name, exc)
+            return False
+        return result.succeeded
+
+    async def _publish_lag(self) -> None:
+        """As leader, once a second: the replication lag it measures, the fleet's one figure (P/lag)."""
+        names = [r.name for r in self._config().regions]
+        while True:
+            await asyncio.sleep(LAG_EVERY)
+            if self._controller is not None:
+                lag = {name: self._lag_ms(name) for name in names}
+                await self.leader_put("lag", {"lag_ms": lag, "leader": self.host})
+
+    def leader_lag_ms(self, region: str) -> float | None:
+        """The lag the leader last published (None: unmeasured, or not heard from within LAG_STALE)."""
+        if self._leader_lag_at is None or time.monotonic() - self._leader_lag_at > LAG_STALE:
+            return None
+        value = self._leader_lag.get(region)
+        return float(value) if isinstance(value, int | float) else None
 
     async def _acknowledge_fence(self, ident: str, ack: dict[str, Any]) -> None:
         try:

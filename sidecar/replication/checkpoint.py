@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,15 @@ class CheckpointState:
         if not_before is not None and not isinstance(not_before, int):
             raise ValueError(f"not_before_ms {not_before!r} is not a number of milliseconds")
         return cls(str(arn) if arn else None, shards, not_before)
+
+
+class Checkpoints(Protocol):
+    """Where one pipeline (source, target, table) keeps its checkpoints. Called from the replicator's worker
+    threads: both may block. `save` raises when the checkpoint could not be kept (the pipeline retries)."""
+
+    def load(self) -> CheckpointState: ...
+
+    def save(self, data: dict[str, Any]) -> None: ...
 
 
 def checkpoint_path(state_dir: Path, source: str, target: str, table: str) -> Path:

@@ -50,6 +50,7 @@ from sidecar.core.replicate import (
 )
 from sidecar.replication.apply import Applier, SendResult, describe_error, error_code, lookup_tombstones
 from sidecar.replication.checkpoint import (
+    Checkpoints,
     CheckpointState,
     CheckpointStore,
     ShardCheckpoint,
@@ -164,8 +165,16 @@ class StreamReplicator:
         source_region: str,
         clock: Callable[[], float] = time.time,
         client_factory: ClientFactory | None = None,
+        checkpoints: Callable[[str, str, str], Checkpoints] | None = None,
     ) -> None:
         self._config_getter = config_getter
+        # (source, target, table) -> where that pipeline's checkpoints live: files in state_dir by default;
+        # a fleet's leader keeps them in etcd, so the next leader resumes where it stopped.
+        self.checkpoints = checkpoints or (
+            lambda source, target, table: CheckpointStore(
+                checkpoint_path(self.state_dir, source, target, table)
+            )
+        )
         self._credentials = credentials
         self._factory = client_factory
         self.state_dir = Path(state_dir)
@@ -482,7 +491,7 @@ class _Pipeline:
         self.source_ddb = source_ddb
         self.streams = streams
         self.name = f"{table} {source.name}->{target.name}"
-        self.store = CheckpointStore(checkpoint_path(owner.state_dir, source.name, target.name, table))
+        self.store = owner.checkpoints(source.name, target.name, table)
         self.applier = Applier(
             target_ddb,
             settings.tombstone_table,

@@ -325,8 +325,10 @@ def test_coordination_defaults_to_none_and_etcd_settings_are_checked(tmp_path: P
         assert any(p.startswith(f"{path}") or f": {path}" in p for p in found), (path, found)
 
 
-def test_coordination_with_streams_replication_is_refused_for_now(tmp_path: Path) -> None:
-    found = problems(
+def test_coordination_with_streams_replication_is_accepted(tmp_path: Path) -> None:
+    # the fleet's leader runs the one replicator (its checkpoints in etcd)
+    path = write(
         tmp_path, {**MINIMAL, "coordination": {"backend": "etcd"}, "replication": {"mode": "streams"}}
     )
-    assert any(p.startswith("coordination.backend") and "streams" in p for p in found), found
+    config = load_config(path)
+    assert config.coordination.enabled and config.replication.mode == "streams"
