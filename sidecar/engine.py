@@ -16,7 +16,6 @@ import hashlib
 import logging
 import socket
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +28,6 @@ from sidecar.core.controller import Decision, Intent, desired_weights
 from sidecar.core.gate import GatePolicy
 from sidecar.core.health import Cause, HealthState
 from sidecar.failover import STATE_FILE, Failover, load_state
-from sidecar.fleet.checkpoints import etcd_checkpoints
 from sidecar.fleet.member import FleetMember
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.process import HAProxyProcess
@@ -44,6 +42,7 @@ from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.listener import DataPathPolicy, RegionListener, RegionRuntime
 from sidecar.proxy.sigv4 import ClientVerifier, DynamoDBRequestSigner
 from sidecar.proxy.upstream import Endpoint, UpstreamPool
+from sidecar.replication.lag import Replication
 from sidecar.replication.streams import StreamReplicator
 from sidecar.switchover import SwitchoverResult, run_switchover
 from sidecar.watch import FileWatcher
@@ -121,6 +120,13 @@ class Daemon:
         self.notifier = Notifier(config.notify)
         self.applier = Applier(self.keeper, on_move=self._moved)
         self.heartbeats = Heartbeats(lambda: self.config, self.monitors, lambda: self.failover.active_or_none)
+        self.replication = Replication(
+            lambda: self.config,
+            self.heartbeats,
+            self.credentials.current,
+            active=lambda: self.failover.active_or_none,
+            record=self.event,
+        )
         self.failover = Failover(
             lambda: self.config,
             self.monitors,
@@ -130,12 +136,10 @@ class Daemon:
             lag_ms=self.lag_ms,
             on_switchover=self._failback_due,
         )
-        self.replicator: StreamReplicator | None = None
         # With coordination: this host's place in the fleet; the local decider then follows the leader.
         self.fleet: FleetMember | None = None
         self.fence: WriteFence[RegionRuntime] = WriteFence()
         self.switchover_lock = asyncio.Lock()
-        self._replicator_lock = asyncio.Lock()
         self._failback_retry_at = 0.0
         self._render_task: asyncio.Task[None] | None = None
         self._config_digest: str | None = None
@@ -209,22 +213,16 @@ class Daemon:
                     notify=self.notifier.notify,
                     fence=self.fence,
                     regions=self.regions,
-                    caught_up=self.replication_caught_up,
-                    on_leadership=self._leadership_changed,
+                    caught_up=self.replication.caught_up,
+                    on_leadership=lambda _: self._spawn(
+                        self.replication.leadership_changed(), "replicator-leadership"
+                    ),
                 )
                 self.fleet.start()
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
             self._spawn(self.heartbeats.run(), "heartbeats")
-            if cfg.replication.mode == "streams" and self.fleet is None:
-                # (in a fleet only the leader replicates: `_leadership_changed`)
-                self.replicator = StreamReplicator(
-                    lambda: self.config,
-                    self.credentials.current,
-                    cfg.state_dir,
-                    source_region=self.failover.active,
-                )
-                await self.replicator.start()
+            await self.replication.start(self.fleet)
             self._spawn(self._sweep(), "listener-sweeper")
             if cfg.haproxy.manage:
                 await self._start_haproxy()
@@ -368,8 +366,7 @@ class Daemon:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keeper.stop()
-        if self.replicator is not None:
-            await self.replicator.stop()
+        await self.replication.stop()
         if self.haproxy is not None:
             await self.haproxy.stop()
         # Let in-flight requests finish (bounded), then close what remains.
@@ -484,9 +481,7 @@ class Daemon:
         self._render_task = self._spawn(
             self.rerender(reload=False, why=f"moved to {to_region}"), "render-after-move"
         )
-        if self.replicator is not None:
-            # replication now runs from the new active region (its own checkpoints)
-            self._spawn(self.replicator.set_source(to_region), "replicator-set-source")
+        self._spawn(self.replication.source_moved(to_region), "replicator-set-source")
 
     def _route_writes_to(self, active: str) -> None:
         """Writes that reach a listener other than the active region's (in flight in HAProxy at a move)
@@ -508,70 +503,18 @@ class Daemon:
 
         self._spawn(failback(), "failback")
 
-    def _leadership_changed(self, leading: bool) -> None:
-        if self.config.replication.mode == "streams":
-            self._spawn(self._replicate_if_leading(), "replicator-leadership")
-
-    async def _replicate_if_leading(self) -> None:
-        """Streams mode in a fleet: exactly one replicator, the leader's, its checkpoints in etcd so that the
-        next leader resumes where this one stopped (and a deposed one's late checkpoint is refused)."""
-        async with self._replicator_lock:
-            leading = self.fleet is not None and self.fleet.is_leader
-            if leading and self.replicator is None and self.fleet is not None:
-                self.replicator = StreamReplicator(
-                    lambda: self.config,
-                    self.credentials.current,
-                    self.config.state_dir,
-                    source_region=self.failover.active,
-                    checkpoints=etcd_checkpoints(self.fleet),
-                )
-                await self.replicator.start()
-                self.event(
-                    "replicator", f"this host leads the fleet: replicating from {self.failover.active}"
-                )
-            elif not leading and self.replicator is not None:
-                replicator, self.replicator = self.replicator, None
-                await replicator.stop()
-                self.event("replicator", "this host no longer leads the fleet: its replicator stopped")
+    @property
+    def replicator(self) -> StreamReplicator | None:
+        return self.replication.replicator
 
     def lag_ms(self, region: str) -> float | None:
-        """Replication lag from the active region into `region`: the stream replicator's own account in
-        `streams` mode, heartbeats otherwise (None: unmeasured, or `region` is the active one). In a fleet,
-        the leader's figure."""
-        if self.fleet is not None and not self.fleet.is_leader:
-            return self.fleet.leader_lag_ms(region)
-        if self.replicator is not None:
-            if (
-                region == self.failover.active_or_none
-                or self.replicator.source_region != self.failover.active_or_none
-            ):
-                return None
-            return self.replicator.lag_ms().get(region)
-        return self.heartbeats.lag_ms(region)
+        return self.replication.lag_ms(region)
 
     def max_lag_ms(self) -> float | None:
-        lags = [self.lag_ms(r) for r in self.regions if r != self.failover.active_or_none]
-        known = [lag for lag in lags if lag is not None]
-        return max(known) if known and len(known) == len(lags) else None
+        return self.replication.max_lag_ms(list(self.regions))
 
     async def replication_caught_up(self, source: str, target: str, since: float, deadline: float) -> bool:
-        """Has everything written to `source` up to `since` (monotonic) reached `target`? Heartbeats: a fence
-        heartbeat seen in the target. Streams: the replicator's reads of every shard came back empty and
-        nothing read is unapplied, twice, more than two polls after `since`."""
-        loop = asyncio.get_running_loop()
-        replicator = self.replicator
-        if replicator is None:
-            return await self.heartbeats.fence_visible(source, target, uuid.uuid4().hex, deadline)
-        settle = 2 * self.config.replication.poll_interval
-        good = 0
-        while loop.time() < deadline:
-            if time.monotonic() - since > settle and replicator.source_region == source:
-                lag = replicator.lag_ms().get(target)
-                good = good + 1 if lag == 0 and replicator.iterator_age_s == 0 else 0
-                if good >= 2:
-                    return True
-            await asyncio.sleep(0.02)
-        return False
+        return await self.replication.caught_up(source, target, since, deadline)
 
     async def switchover(self, to: str) -> SwitchoverResult:
         """This host's switchover (with coordination, the admin API posts it to the fleet instead)."""
@@ -702,13 +645,7 @@ class Daemon:
                 "weights_confirmed": self.keeper.confirmed,
                 "weights_error": weights_error or self.keeper.last_error,
             },
-            "replication": {
-                "mode": self.config.replication.mode,
-                "lag_ms": self.max_lag_ms(),
-                "replicator": self.replicator.status() if self.replicator is not None else None,
-                "heartbeats_written": self.heartbeats.written,
-                "heartbeat_error": self.heartbeats.last_error,
-            },
+            "replication": self.replication.status(list(self.regions)),
             "fence": {
                 "closed": self.fence.closed,
                 "held": self.fence.held,

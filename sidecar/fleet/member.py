@@ -83,7 +83,7 @@ class FleetMember:
         fence: WriteFence[RegionRuntime],
         regions: Mapping[str, RegionRuntime],
         caught_up: Callable[[str, str, float, float], Awaitable[bool]],
-        on_leadership: Callable[[bool], None] | None = None,
+        on_leadership: Callable[[bool], object] | None = None,
         client: EtcdClient | None = None,
     ) -> None:
         self._config = config
