@@ -15,7 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from sidecar.core.controller import FailoverIntent, Intent, Pause, Resume, Switchover
 from sidecar.engine import Daemon
-from sidecar.fleet.member import FleetMember, FleetUnavailable
+from sidecar.fleet.commands import FleetUnavailable
+from sidecar.fleet.member import FleetMember
 from sidecar.metrics import metrics_registry, render_metrics
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
@@ -40,15 +39,15 @@ from sidecar.core.controller import (
     Intent,
     RegionView,
     State,
-    Switchover,
     state_from_dict,
     state_to_dict,
 )
 from sidecar.core.vote import FleetVote, MemberView, fingerprint, isolated, serves, vote, with_lag
 from sidecar.failover import Failover
+from sidecar.fleet.commands import Commands
 from sidecar.fleet.etcd import Compare, EtcdClient, EtcdError, KeyValue, LeaseExpired, Op, WatchEvent
-from sidecar.fleet.records import intent_from_json, intent_to_json, read_json, view_from_json, view_to_json
-from sidecar.fleet.switchover import MemberFence, run_fleet_switchover
+from sidecar.fleet.records import read_json, view_from_json, view_to_json
+from sidecar.fleet.switchover import FenceAcks, MemberFence, run_fleet_switchover
 from sidecar.monitor import RegionMonitor
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.region import RegionRuntime
@@ -58,14 +57,8 @@ logger = logging.getLogger(__name__)
 VERSION = "0.1.0"
 RETRY = 1.0  # seconds between attempts to reach etcd while it is lost
 PUBLISH_EVERY = 0.05  # at most this often, the member record is rewritten after health changes
-INTENT_TIMEOUT = 10.0
 LAG_EVERY = 1.0  # the leader publishes the replication lag it measures this often
 LAG_STALE = 5.0  # a published lag older than this (as received) is unmeasured
-
-
-class FleetUnavailable(Exception):
-    """The fleet cannot take a command now (etcd lost, no leader, no answer in time); the message says what
-    to do instead."""
 
 
 class FleetMember:
@@ -120,7 +113,7 @@ class FleetMember:
         self._publish_state: State | None = None
         self._state_published = asyncio.Event()
         self._state_wanted = asyncio.Event()
-        self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.commands = Commands(self)
         self._refused_alerted: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -136,16 +129,19 @@ class FleetMember:
             grace=lambda: self._config().coordination.lease_ttl + 1.0,
         )
         self.switchover_lock = asyncio.Lock()
-        self._fence_acks: dict[str, dict[str, dict[str, Any]]] = {}
-        self._fence_acks_changed = asyncio.Event()
+        self.acks = FenceAcks()
         self._failback_retry_at = 0.0
         self._on_leadership = on_leadership
         self._leader_lag: dict[str, Any] = {}
         self._leader_lag_at: float | None = None
 
     # -- keys
-    def _key(self, *parts: str) -> str:
+    def key(self, *parts: str) -> str:
         return "/".join((self.prefix, *parts))
+
+    @property
+    def lease(self) -> int:
+        return self._lease
 
     @property
     def is_leader(self) -> bool:
@@ -206,19 +202,19 @@ class FleetMember:
         """One connected stretch: lease, record, campaign, watch; returns or raises when etcd is lost."""
         ttl = self._config().coordination.lease_ttl
         self._lease = await self.client.lease_grant(ttl)
-        await self.client.put(self._key("members", self.host), self._record_bytes(), lease=self._lease)
+        await self.client.put(self.key("members", self.host), self._record_bytes(), lease=self._lease)
         kvs, revision = await self.client.get_prefix(self.prefix + "/")
         self.members.clear()
         self.leader = None
         fence: dict[str, Any] | None = None
         for kv in kvs:
             self._load(kv)
-            if kv.key == self._key("fence"):
+            if kv.key == self.key("fence"):
                 fence = read_json(kv.value)
         if self.leader == self.host:
             # our own key from before etcd was lost (its lease may still run): clear it, then campaign anew
             await self.client.txn(
-                [Compare.value_is(self._key("leader"), self.host.encode())], [Op.delete(self._key("leader"))]
+                [Compare.value_is(self.key("leader"), self.host.encode())], [Op.delete(self.key("leader"))]
             )
             self.leader = None
         self._connected()
@@ -272,9 +268,7 @@ class FleetMember:
                 await self._write_decision()
             if self._publish_record.is_set():
                 self._publish_record.clear()
-                await self.client.put(
-                    self._key("members", self.host), self._record_bytes(), lease=self._lease
-                )
+                await self.client.put(self.key("members", self.host), self._record_bytes(), lease=self._lease)
                 await asyncio.sleep(PUBLISH_EVERY)
 
     # -- state of the connection
@@ -316,7 +310,7 @@ class FleetMember:
             if data is not None:
                 self.members[rest[len("members/") :]] = data
         elif rest.startswith("fence-acks/"):
-            self._fence_ack(rest[len("fence-acks/") :], kv.value)
+            self.acks.seen(rest[len("fence-acks/") :], kv.value)
 
     def _on_event(self, event: WatchEvent) -> None:
         key = event.kv.key
@@ -325,7 +319,7 @@ class FleetMember:
             self.member_fence.update(None if event.kind == "delete" else read_json(event.kv.value))
             return
         if rest.startswith("fence-acks/"):
-            self._fence_ack(rest[len("fence-acks/") :], None if event.kind == "delete" else event.kv.value)
+            self.acks.seen(rest[len("fence-acks/") :], None if event.kind == "delete" else event.kv.value)
             return
         if rest == "lag":
             data = read_json(event.kv.value) if event.kind != "delete" else None
@@ -351,12 +345,9 @@ class FleetMember:
         elif rest.startswith("intents/") and self._controller is not None:
             data = read_json(event.kv.value)
             if data is not None:
-                self.spawn(self._decide_intent(rest[len("intents/") :], data), "fleet-intent")
+                self.spawn(self.commands.decide(rest[len("intents/") :], data), "fleet-intent")
         elif rest.startswith("results/"):
-            future = self._results.get(rest[len("results/") :])
-            data = read_json(event.kv.value)
-            if future is not None and not future.done() and data is not None:
-                future.set_result(data)
+            self.commands.answered(rest[len("results/") :], event.kv.value)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A named background task, referenced until done (a bare task may be collected mid-flight)."""
@@ -374,7 +365,7 @@ class FleetMember:
     async def _campaign(self) -> None:
         if self.state != "connected" or not self._lease:
             return
-        key = self._key("leader")
+        key = self.key("leader")
         result = await self.client.txn(
             [Compare.create_revision(key, "==", 0)],
             [Op.put(key, self.host.encode(), lease=self._lease), Op.get(key)],
@@ -457,10 +448,10 @@ class FleetMember:
         }
         if previous is not None and previous.active != state.active:
             data["from"], data["to"] = previous.active, state.active
-        leader = self._key("leader")
+        leader = self.key("leader")
         result = await self.client.txn(
             [Compare.create_revision(leader, "==", self._leader_rev)],
-            [Op.put(self._key("decision"), orjson.dumps(data))],
+            [Op.put(self.key("decision"), orjson.dumps(data))],
         )
         if not result.succeeded:
             self._step_down("etcd refused the decision: the leader key is no longer ours")
@@ -585,88 +576,9 @@ class FleetMember:
                     "Give every member of the fleet the same regions, tables and health.table",
                 )
 
-    # -- commands
+    # -- commands (sidecar/fleet/commands.py)
     async def intent(self, intent: Intent, timeout: float | None = None) -> dict[str, Any]:  # noqa: ASYNC109
-        """Post an operator's command to the leader; return its result once every live member has applied it
-        (or say which did not). A switchover may take its whole timeout before the leader answers."""
-        if timeout is None:
-            timeout = INTENT_TIMEOUT
-            if isinstance(intent, Switchover):
-                timeout += self._config().failover.switchover_timeout
-        if self.state != "connected":
-            raise FleetUnavailable(
-                f"coordination is {self.state} ({self.last_error or 'etcd unreachable'}): the fleet cannot take "
-                "commands now; `--local` acts on this host alone (the fleet's decision wins when etcd is back)"
-            )
-        ident = uuid.uuid4().hex
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._results[ident] = future
-        try:
-            body = {**intent_to_json(intent), "from": self.host, "at": time.time()}
-            try:
-                await self.client.put(self._key("intents", ident), orjson.dumps(body), lease=self._lease)
-            except (EtcdError, OSError, TimeoutError) as exc:
-                raise FleetUnavailable(
-                    f"could not post the command to the fleet ({exc}); nothing changed. Retry, or use `--local` "
-                    "to act on this host alone"
-                ) from None
-            try:
-                result = await asyncio.wait_for(future, timeout)
-            except TimeoutError:
-                raise FleetUnavailable(
-                    f"no answer from the fleet's leader ({self.leader or 'none'}) within {timeout:g} s; "
-                    "nothing is known to have changed"
-                ) from None
-        finally:
-            self._results.pop(ident, None)
-        with contextlib.suppress(EtcdError, OSError, TimeoutError):
-            await self.client.delete(self._key("results", ident))
-        result["not_applied"] = await self._wait_applied(int(result.get("epoch", 0)), timeout)
-        return result
-
-    async def _wait_applied(self, epoch: int, timeout: float) -> list[str]:  # noqa: ASYNC109
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            behind = sorted(
-                host for host, rec in self.members.items() if int(rec.get("applied_epoch", 0) or 0) < epoch
-            )
-            if not behind or loop.time() >= deadline:
-                return behind
-            await asyncio.sleep(0.02)
-
-    async def _decide_intent(self, ident: str, data: Mapping[str, Any]) -> None:
-        controller = self._controller
-        if controller is None:
-            return
-        try:
-            intent = intent_from_json(data)
-        except ValueError as exc:
-            answer: dict[str, Any] = {"ok": False, "refused": True, "reason": str(exc), "epoch": self.epoch}
-        else:
-            if isinstance(intent, Switchover):
-                answer = await run_fleet_switchover(self, intent.to, failback=intent.failback)
-                await self._answer(ident, answer)
-                return
-            decision = controller.intent(intent)
-            await self.decision_published()
-            answer = {
-                "ok": not decision.refused,
-                "refused": decision.refused,
-                "reason": decision.reason,
-                "epoch": self.epoch,
-                "active_region": decision.state.active,
-                "mode": controller.mode,
-                "leader": self.host,
-            }
-        await self._answer(ident, answer)
-
-    async def _answer(self, ident: str, answer: Mapping[str, Any]) -> None:
-        try:
-            await self.client.put(self._key("results", ident), orjson.dumps(answer), lease=self._lease)
-            await self.client.delete(self._key("intents", ident))
-        except (EtcdError, OSError, TimeoutError) as exc:
-            logger.warning("fleet: could not answer command %s: %s", ident, exc)
+        return await self.commands.post(intent, timeout)
 
     # -- the fleet switchover (sidecar/fleet/switchover.py): what it uses of the member
     def decide(self, intent: Intent) -> Decision:
@@ -685,8 +597,8 @@ class FleetMember:
             return False
         try:
             result = await self.client.txn(
-                [Compare.create_revision(self._key("leader"), "==", self._leader_rev)],
-                [Op.put(self._key(name), orjson.dumps(data), lease=self._lease)],
+                [Compare.create_revision(self.key("leader"), "==", self._leader_rev)],
+                [Op.put(self.key(name), orjson.dumps(data), lease=self._lease)],
             )
         except (EtcdError, OSError, TimeoutError) as exc:
             logger.warning("fleet: could not write %s: %s", name, exc)
@@ -697,7 +609,7 @@ class FleetMember:
 
     # -- the leader's replicator (streams mode): checkpoints and the fleet's lag figure
     async def checkpoint(self, name: str) -> bytes | None:
-        kv = await self.client.get(self._key("checkpoints", name))
+        kv = await self.client.get(self.key("checkpoints", name))
         return kv.value if kv is not None else None
 
     async def save_checkpoint(self, name: str, data: bytes) -> bool:
@@ -706,8 +618,8 @@ class FleetMember:
             return False
         try:
             result = await self.client.txn(
-                [Compare.create_revision(self._key("leader"), "==", self._leader_rev)],
-                [Op.put(self._key("checkpoints", name), data)],
+                [Compare.create_revision(self.key("leader"), "==", self._leader_rev)],
+                [Op.put(self.key("checkpoints", name), data)],
             )
         except (EtcdError, OSError, TimeoutError) as exc:
             logger.warning("fleet: could not save checkpoint %s: %s", name, exc)
@@ -733,43 +645,18 @@ class FleetMember:
     async def _acknowledge_fence(self, ident: str, ack: dict[str, Any]) -> None:
         try:
             await self.client.put(
-                self._key("fence-acks", ident, self.host),
+                self.key("fence-acks", ident, self.host),
                 orjson.dumps({**ack, "at": time.time()}),
                 lease=self._lease,
             )
         except (EtcdError, OSError, TimeoutError) as exc:
             logger.warning("fleet: could not acknowledge fence %s: %s", ident, exc)
 
-    def _fence_ack(self, rest: str, raw: bytes | None) -> None:
-        ident, _, host = rest.partition("/")
-        if raw is None:
-            self._fence_acks.get(ident, {}).pop(host, None)
-            return
-        data = read_json(raw)
-        if data is not None and host:
-            self._fence_acks.setdefault(ident, {})[host] = data
-            self._fence_acks_changed.set()
-
-    async def fence_acks(
-        self, ident: str, hosts: list[str], field: str, deadline: float
-    ) -> dict[str, dict[str, Any]]:
-        """The acknowledgements with `field` set, once every one of `hosts` has given it or at `deadline`
-        (loop time). A member that left meanwhile (its lease expired: frozen, or cut off from etcd) is still
-        waited for: it may wake up and send writes, so its silence aborts the switchover."""
-        loop = asyncio.get_running_loop()
-        while True:
-            got = {h: a for h, a in self._fence_acks.get(ident, {}).items() if a.get(field)}
-            if all(h in got for h in hosts) or loop.time() >= deadline:
-                return got
-            self._fence_acks_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._fence_acks_changed.wait(), max(0.0, deadline - loop.time()))
-
     async def forget_fence_acks(self, ident: str, *, delay: float) -> None:
         await asyncio.sleep(delay)
-        self._fence_acks.pop(ident, None)
+        self.acks.forget(ident)
         with contextlib.suppress(EtcdError, OSError, TimeoutError):
-            await self.client.delete(self._key("fence-acks", ident) + "/", prefix=True)
+            await self.client.delete(self.key("fence-acks", ident) + "/", prefix=True)
 
     def _failback_due(self, to: str) -> None:
         """The fleet's controller wants an automatic failback: a fleet switchover (one at a time; after a
@@ -845,6 +732,7 @@ class FleetMember:
             "fingerprint": self.fingerprint,
             "isolated": self.isolated,
             "local_override": self.local_override,
+            "fence": {"closed_for": self.member_fence.current, "last": self.member_fence.last},
             "endpoint": self.client.endpoint,
             "last_error": self.last_error,
             "lost_since": None

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sidecar.core.controller import Switchover
+from sidecar.fleet.records import read_json
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.region import RegionRuntime
 
@@ -134,6 +135,43 @@ class MemberFence:
             self._open("the sidecar is stopping")
 
 
+class FenceAcks:
+    """The members' acknowledgements of fleet switchovers, as the watch delivers P/fence-acks/ID/HOST."""
+
+    def __init__(self) -> None:
+        self._acks: dict[str, dict[str, dict[str, Any]]] = {}
+        self._changed = asyncio.Event()
+
+    def seen(self, rest: str, raw: bytes | None) -> None:
+        """`rest`: ID/HOST; `raw`: the record (None: deleted)."""
+        ident, _, host = rest.partition("/")
+        if raw is None:
+            self._acks.get(ident, {}).pop(host, None)
+            return
+        data = read_json(raw)
+        if data is not None and host:
+            self._acks.setdefault(ident, {})[host] = data
+            self._changed.set()
+
+    async def wait(
+        self, ident: str, hosts: list[str], field: str, deadline: float
+    ) -> dict[str, dict[str, Any]]:
+        """The acknowledgements with `field` set, once every one of `hosts` has given it or at `deadline`
+        (loop time). A member that left meanwhile (its lease expired: frozen, or cut off from etcd) is still
+        waited for: it may wake up and send writes, so its silence aborts the switchover."""
+        loop = asyncio.get_running_loop()
+        while True:
+            got = {h: a for h, a in self._acks.get(ident, {}).items() if a.get(field)}
+            if all(h in got for h in hosts) or loop.time() >= deadline:
+                return got
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
+
+    def forget(self, ident: str) -> None:
+        self._acks.pop(ident, None)
+
+
 def refusal(member: FleetMember, to: str) -> str | None:
     cfg = member.config
     names = [r.name for r in cfg.regions]
@@ -194,7 +232,7 @@ async def _fenced_flip(
     closed_at = time.monotonic()
     outcome = "aborted"
     try:
-        closed = await member.fence_acks(ident, hosts, "closed", deadline)
+        closed = await member.acks.wait(ident, hosts, "closed", deadline)
         missing = sorted(set(hosts) - set(closed))
         why: str | None = None
         if missing:
@@ -220,7 +258,7 @@ async def _fenced_flip(
         epoch = member.epoch
         if await member.leader_put("fence", {**fence, "state": "released", "epoch": epoch}):
             outcome = "released"
-        releases = await member.fence_acks(ident, hosts, "released", loop.time() + RELEASE_ACK_WAIT)
+        releases = await member.acks.wait(ident, hosts, "released", loop.time() + RELEASE_ACK_WAIT)
         per_host = {
             host: {"pause_ms": ack.get("pause_ms"), "held": ack.get("held", 0)}
             for host, ack in releases.items()
