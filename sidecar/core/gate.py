@@ -18,6 +18,7 @@ from sidecar.core.operations import (
     keys_provably_unique,
     operation_from_target,
 )
+from sidecar.core.shapes import undefined_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,9 @@ def admit(policy: GatePolicy, target: str | None, body: bytes) -> Admitted | Dyn
         return errors.serialization(f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})")
     if not isinstance(parsed, dict):
         return errors.serialization("the body is JSON but not an object")
+    undefined = undefined_key(op.name, parsed)
+    if undefined is not None:
+        return errors.validation(undefined)
     try:
         found = classify(op, parsed)
     except RequestShapeError as exc:

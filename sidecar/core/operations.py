@@ -418,6 +418,7 @@ _HEAD_SYNTAX: Final = (
 )
 
 _Token = tuple[str, int, int]  # kind (a group name of _TOKEN_RE), start, end
+MAX_STATEMENT_CHARS: Final = 8192  # DynamoDB's limit on a PartiQL statement
 
 
 def _token(stmt: str, pos: int) -> _Token:
@@ -555,7 +556,12 @@ def _parse_statement(stmt: str) -> tuple[OpKind, str]:
         end = m.end()
     else:
         result, table, end = _parse_head(stmt)
-    # The rest is not parsed, but a second query hiding in it would name a table we never checked.
+    # The rest is not parsed, but a second query hiding in it would name a table we never checked, and a
+    # second statement after a `;` too (DynamoDB refuses it today; we do not lean on that).
+    if ";" in stmt and _separator_after(stmt, end):
+        raise RequestShapeError(
+            "a `;` outside quotes (a second statement) is not supported; send one statement"
+        )
     if _NESTED_HINT_RE.search(stmt, end) is not None:
         pos = end
         while True:
@@ -571,10 +577,27 @@ def _parse_statement(stmt: str) -> tuple[OpKind, str]:
     return result, table
 
 
+def _separator_after(stmt: str, pos: int) -> bool:
+    while True:
+        kind, start, pos = _token(stmt, pos)
+        if kind == "end":
+            return False
+        if kind == "unterminated":
+            raise RequestShapeError("unterminated quote")
+        if kind == "other" and stmt[start] == ";":
+            return True
+
+
 def _statement(op: str, where: str, value: object) -> tuple[OpKind, str]:
     if not isinstance(value, str):
         raise RequestShapeError(
             f"{op}: {where} must be a string (a PartiQL statement), not {_json_type(value)}"
+        )
+    if len(value) > MAX_STATEMENT_CHARS:
+        # DynamoDB's own limit, checked before anything reads the statement (its cost grows with it)
+        raise RequestShapeError(
+            f"1 validation error detected: Value at '{where}' failed to satisfy constraint: Member must have "
+            f"length less than or equal to {MAX_STATEMENT_CHARS} (it has {len(value)} characters)"
         )
     try:
         return _parse_statement(value)

@@ -247,6 +247,38 @@ def test_partiql_on_foreign_table_refused(stack: SidecarStack, orders: str) -> N
 
 
 @pytest.mark.parametrize(
+    ("operation", "request_body", "says"),
+    [
+        ("PutItem", {"TableName": "@ORDERS@", "Item": {"pk": {"S": "a"}, "sk": {"S": "1"}}, "tablename": "@SECRET@"},
+         "keys are case-sensitive"),
+        ("TransactWriteItems", {"TransactItems": [
+            {"Put": {"TableName": "@ORDERS@", "Item": {"pk": {"S": "a"}, "sk": {"S": "1"}}}},
+            {"put": {"TableName": "@SECRET@", "Item": {"pk": {"S": "smuggled"}}}},
+        ]}, "TransactItems[1] has a key 'put'"),
+        ("ExecuteStatement", {"Statement": "UPDATE \"@ORDERS@\" SET v = 1 WHERE pk = 'a' AND sk = '1'; "
+                                           "INSERT INTO \"@SECRET@\" VALUE {'pk': 'smuggled'}"},
+         "`;` outside quotes"),
+    ],
+)  # fmt: skip
+def test_requests_smuggling_another_table_past_the_gate_are_refused(
+    stack: SidecarStack, orders: str, moto_regions: dict[str, MotoRegion], operation: str,
+    request_body: dict[str, Any], says: str,
+) -> None:  # fmt: skip
+    """A second spelling of a table-bearing key, a lowercase transaction action, a second PartiQL statement:
+    each names a table outside `tables`; the gate refuses the request whole (DynamoDB's lenient parser
+    is not what keeps them out)."""
+    secret = new_app_table([moto_regions["us-east-1"]], "secret")
+    raw = json.dumps(request_body).replace("@ORDERS@", orders).replace("@SECRET@", secret)
+    status, _, resp = raw_post(
+        stack.url, raw.encode(), {"Content-Type": JSON_CT, "X-Amz-Target": f"DynamoDB_20120810.{operation}"}
+    )
+    doc = json.loads(resp)
+    assert (status, doc["__type"].rsplit("#", 1)[-1]) == (400, "ValidationException"), doc
+    assert says in doc["message"]
+    assert not moto_regions["us-east-1"].client().scan(TableName=secret)["Items"]
+
+
+@pytest.mark.parametrize(
     ("body", "headers", "code"),
     [
         (b"{not json", {"X-Amz-Target": "DynamoDB_20120810.GetItem"}, "SerializationException"),

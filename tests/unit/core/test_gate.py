@@ -172,13 +172,82 @@ def test_serialization_errors_do_not_quote_the_body() -> None:
         {"TableName": ["orders"]},
         {"TableName": "x"},
         {"TableName": "arn:aws:kinesis:us-east-1:1:table/orders"},
-        {"tablename": "orders"},
     ],
 )
 def test_shape_errors_become_validation_errors(request_body: dict[str, Any]) -> None:
     error = refused(admit(POLICY, target("GetItem"), body(request_body)), "ValidationException")
     assert error.message.startswith("GetItem: TableName")
     assert error.namespace == "com.amazon.coral.validate"
+
+
+@pytest.mark.parametrize(
+    ("operation", "request_body", "says"),
+    [
+        (
+            "GetItem",
+            {"tablename": "orders"},
+            "'tablename' that GetItem does not define; keys are case-sensitive",
+        ),
+        ("GetItem", {"TableName": "orders", "Key": {}, "TABLENAME": "secrets"}, "did you mean 'TableName'"),
+        (
+            "TransactWriteItems",
+            {
+                "TransactItems": [
+                    {"Put": {"TableName": "orders", "Item": {}}},
+                    {"put": {"TableName": "secrets"}},
+                ]
+            },
+            "TransactItems[1] has a key 'put'",
+        ),
+        (
+            "TransactWriteItems",
+            {"TransactItems": [{"Update": {"TableName": "orders", "Key": {}, "tableName": "secrets"}}]},
+            "TransactItems[0].Update has a key 'tableName'",
+        ),
+        ("ExecuteTransaction", {"TransactStatements": [{"Statement": "x", "statement": "y"}]}, "'statement'"),
+        ("Scan", {"TableName": "orders", "Bogus": 1}, "'Bogus' that Scan does not define; Scan takes"),
+    ],
+)
+def test_keys_the_operation_does_not_define_are_refused(
+    operation: str, request_body: dict[str, Any], says: str
+) -> None:
+    # DynamoDB's parser is lenient about key case: a second spelling could name a table the gate never read
+    error = refused(admit(POLICY, target(operation), body(request_body)), "ValidationException")
+    assert says in error.message, error.message
+    assert "secrets" not in error.message
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE \"orders\" SET a = 1; INSERT INTO \"secrets\" VALUE {'pk': 'x'}",
+        "SELECT * FROM orders WHERE pk = 'a';",
+        "DELETE FROM \"orders\" WHERE pk = 'a' ; SELECT * FROM secrets",
+    ],
+)
+def test_a_second_statement_after_a_semicolon_is_refused(statement: str) -> None:
+    error = refused(
+        admit(POLICY, target("ExecuteStatement"), body({"Statement": statement})), "ValidationException"
+    )
+    assert "`;` outside quotes" in error.message
+
+
+def test_a_semicolon_inside_quotes_is_data() -> None:
+    statement = "UPDATE \"orders\" SET note = 'a;b' WHERE pk = 'x;y'"
+    admitted = admit(POLICY, target("ExecuteStatement"), body({"Statement": statement}))
+    assert not isinstance(admitted, DynamoError) and admitted.tables == {"orders"}
+
+
+def test_a_statement_over_dynamodbs_limit_is_refused_before_it_is_read() -> None:
+    statement = "SELECT * FROM orders WHERE pk = '" + "x" * 8200 + "'"
+    error = refused(
+        admit(POLICY, target("ExecuteStatement"), body({"Statement": statement})), "ValidationException"
+    )
+    assert "less than or equal to 8192" in error.message and "x" * 20 not in error.message
+    ok = "SELECT * FROM orders WHERE pk = '" + "x" * (8192 - 34) + "'"
+    assert len(ok) == 8192 and not isinstance(
+        admit(POLICY, target("ExecuteStatement"), body({"Statement": ok})), DynamoError
+    )
 
 
 def test_unparsable_statement_is_a_validation_error() -> None:
