@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -45,7 +45,7 @@ def parse_duration(value: Any) -> float:
         raise ValueError("expected a duration such as 800ms, 1s or 2m")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
         raise ValueError(f"malformed duration {value!r}: use a number with ms, s or m, such as 800ms, 1s, 2m")
@@ -129,7 +129,7 @@ ListenerField = Annotated[Address | UnixAddress, BeforeValidator(parse_listener)
 
 
 def _table_name(value: str) -> str:
-    if not _TABLE.match(value):
+    if not _TABLE.fullmatch(value):
         raise ValueError(f"{value!r} is not a DynamoDB table name (3-255 of A-Z a-z 0-9 _ . -)")
     return value
 
@@ -149,7 +149,7 @@ class Region(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _REGION.match(v):
+        if not _REGION.fullmatch(v):
             raise ValueError(f"{v!r} is not an AWS region name such as us-east-1")
         return v
 
@@ -226,7 +226,7 @@ class HAProxy(_Model):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9_.:-]+$", v):
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", v):
             raise ValueError("backend name may contain only letters, digits, '_', '.', ':' and '-'")
         return v
 
@@ -249,14 +249,14 @@ class Client(_Model):
     @field_validator("access_key_id")
     @classmethod
     def _akid(cls, v: str) -> str:
-        if not _ACCESS_KEY.match(v):
+        if not _ACCESS_KEY.fullmatch(v):
             raise ValueError("access_key_id must be 16-128 upper-case letters and digits")
         return v
 
     @field_validator("secret_access_key_env")
     @classmethod
     def _env(cls, v: str) -> str:
-        if not _ENV_NAME.match(v):
+        if not _ENV_NAME.fullmatch(v):
             raise ValueError(
                 "secret_access_key_env must be the NAME of an environment variable, not the secret"
             )
@@ -382,7 +382,7 @@ class Notify(_Model):
     @field_validator("webhook_env")
     @classmethod
     def _webhook_env(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.match(v):
+        if v is not None and not _ENV_NAME.fullmatch(v):
             raise ValueError("webhook_env must be the NAME of an environment variable, not the URL")
         return v
 
@@ -487,6 +487,13 @@ class Config(_Model):
         """The configured client keys with their secrets read from the environment now."""
         return {c.access_key_id: os.environ.get(c.secret_access_key_env, "") for c in self.clients}
 
+    def secret_env_names(self) -> tuple[str, ...]:
+        """The environment variables this config says hold secrets (kept from child processes)."""
+        names = [c.secret_access_key_env for c in self.clients]
+        if self.notify.webhook_env is not None:
+            names.append(self.notify.webhook_env)
+        return tuple(names)
+
 
 class ConfigError(Exception):
     """Every problem found in a config file, each as `path: message`."""
@@ -536,6 +543,49 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_environment
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Values rendered into haproxy.cfg (or HAProxy's command line): whitespace there would end the value and
+# start another directive, so none is accepted (`haproxy.template` is a path we only read).
+_RENDERED_TOP = ("listen", "admin")
+_NOT_RENDERED_HAPROXY = frozenset({"template"})
+
+
+def _unsafe_text_problems(data: Mapping[str, Any]) -> list[str]:
+    """No control character anywhere (a newline in a value could add a line to haproxy.cfg), and no
+    whitespace in anything rendered into it; each problem with its path."""
+    problems: list[str] = []
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, str):
+            if _CONTROL.search(value):
+                problems.append(f"{path}: contains a control character (a newline, tab...); remove it")
+        elif isinstance(value, Mapping):
+            for key, sub in value.items():
+                if isinstance(key, str) and _CONTROL.search(key):
+                    problems.append(f"{path or '(top level)'}: a key contains a control character; remove it")
+                walk(sub, f"{path}.{key}" if path else str(key))
+        elif isinstance(value, list):
+            for i, sub in enumerate(value):
+                walk(sub, f"{path}[{i}]")
+
+    walk(data, "")
+    rendered: list[tuple[str, Any]] = [(key, data.get(key)) for key in _RENDERED_TOP]
+    regions = data.get("regions")
+    if isinstance(regions, list):
+        for i, region in enumerate(regions):
+            if isinstance(region, Mapping):
+                rendered += [(f"regions[{i}].{k}", region.get(k)) for k in ("name", "proxy")]
+    haproxy = data.get("haproxy")
+    if isinstance(haproxy, Mapping):
+        rendered += [(f"haproxy.{k}", v) for k, v in haproxy.items() if k not in _NOT_RENDERED_HAPROXY]
+    for path, value in rendered:
+        if isinstance(value, str) and not _CONTROL.search(value) and any(c.isspace() for c in value):
+            problems.append(
+                f"{path}: contains whitespace; it is written into haproxy.cfg, where it would end the value"
+            )
+    return problems
+
+
 def config_from_data(
     data: Any, *, base_dir: Path, source: str = "<config>", check_environment: bool = True
 ) -> Config:
@@ -545,7 +595,7 @@ def config_from_data(
         raise ConfigError(source, ["(top level): expected a mapping of keys such as listen, regions, tables"])
     # Cross-field checks run on the raw data too, so one run reports a duplicate port together with a
     # malformed duration elsewhere.
-    problems = _raw_problems(data)
+    problems = _raw_problems(data) + _unsafe_text_problems(data)
     try:
         config = Config.model_validate({**data, "base_dir": base_dir})
     except ValidationError as exc:

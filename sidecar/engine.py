@@ -279,6 +279,7 @@ class Daemon:
             log_path=cfg.state_dir / "haproxy.log",
             runtime_socket=cfg.haproxy.runtime_socket,
             on_restart=self._haproxy_restarted,
+            secret_env=cfg.secret_env_names(),
         )
         await self.haproxy.start()
         if self.haproxy.adopted:

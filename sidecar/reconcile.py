@@ -33,6 +33,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import pickle
 import queue
 import random
@@ -513,7 +514,10 @@ class Reconciler:
         self.clients = Clients(regions, workers, session)
         if backup is not None:
             try:
-                self._backup = backup.open("a", encoding="utf-8")
+                # The items' data: readable by the operator alone (0600, also when it already exists).
+                fd = os.open(backup, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                os.fchmod(fd, 0o600)
+                self._backup = os.fdopen(fd, "a", encoding="utf-8")
             except OSError as exc:
                 self.close()
                 raise SetupError(f"--backup {backup}: {exc.strerror}") from None

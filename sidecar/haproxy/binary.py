@@ -58,3 +58,16 @@ def haproxy_version(binary: str) -> tuple[int, int]:
     if not match:
         raise HAProxyNotFound(f"{binary} -v did not print an HAProxy version: {proc.stdout.strip()[:200]!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+# Variables that may hold a secret: AWS credentials and anything named like a secret, token or key.
+_SECRET_NAME = re.compile(r"^AWS_|SECRET|TOKEN|PASSW|CREDENTIAL|PRIVATE|_KEY$|WEBHOOK", re.IGNORECASE)
+
+
+def child_environment(secret_names: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment HAProxy runs with (and `haproxy -c`): ours without anything secret. HAProxy signs
+    nothing and needs no credential, and a process's environment is readable by its user
+    (/proc/PID/environ), shows in `ps e` and ends up in core dumps. `secret_names`: the variables the
+    config names as holding secrets (client secrets, the webhook URL), dropped whatever their names."""
+    drop = set(secret_names)
+    return {k: v for k, v in os.environ.items() if k not in drop and not _SECRET_NAME.search(k)}

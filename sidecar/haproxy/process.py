@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.haproxy.binary import child_environment
 from sidecar.haproxy.runtime import (
     MasterClient,
     ReloadResult,
@@ -279,8 +280,10 @@ class HAProxyProcess:
         start_timeout: float = 10.0,
         backoff_min: float = 0.5,
         backoff_max: float = 10.0,
+        secret_env: tuple[str, ...] = (),
     ) -> None:
         self.binary = binary
+        self.secret_env = secret_env  # variables HAProxy must not inherit (besides the secret-looking ones)
         self.config_path = Path(config_path).resolve()
         self.master_socket = Path(master_socket).resolve()
         if "," in str(self.master_socket):
@@ -780,6 +783,7 @@ class HAProxyProcess:
                 stdout=output,
                 stderr=output,
                 start_new_session=True,
+                env=child_environment(self.secret_env),
             )
         except OSError as exc:
             raise HAProxyError(f"cannot run {self.binary}: {exc.strerror or exc}") from exc

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+import jinja2.exceptions
+import jinja2.sandbox
 
-from sidecar.haproxy.binary import find_haproxy
+from sidecar.haproxy.binary import child_environment, find_haproxy
 
 if TYPE_CHECKING:
     from sidecar.config import Config
@@ -93,8 +95,20 @@ def _duration(seconds: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
+class _TemplateSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """Templates are data, not code: Jinja's sandbox (no `__globals__`, no mutation), and no method call
+    on anything but plain values (a config object's methods can read the environment: its secrets)."""
+
+    _PLAIN = (str, int, float, bool, list, tuple, dict, type(None))
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        if callable(value) and not isinstance(obj, self._PLAIN):
+            return False
+        return bool(super().is_safe_attribute(obj, attr, value))
+
+
 def _environment(folder: Path) -> jinja2.Environment:
-    env = jinja2.Environment(
+    env = _TemplateSandbox(
         loader=jinja2.FileSystemLoader(str(folder)),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -134,6 +148,11 @@ def render(config: Config, weights: Mapping[str, int] | None = None) -> str:
         ) from exc
     except jinja2.TemplateNotFound as exc:
         raise RenderError(f"template {path} not found") from exc
+    except jinja2.exceptions.SecurityError as exc:
+        raise RenderError(
+            f"template {path}: not allowed in a template: {exc} (templates may read the documented variables, "
+            "not call methods or reach Python internals)"
+        ) from None
     except (jinja2.UndefinedError, jinja2.TemplateError, ValueError, TypeError) as exc:
         raise RenderError(f"{path}: cannot render: {exc}") from exc
 
@@ -155,6 +174,7 @@ def check_config(text: str, binary: str, timeout: float = CHECK_TIMEOUT) -> str:
                 timeout=timeout,
                 check=False,
                 stdin=subprocess.DEVNULL,
+                env=child_environment(),
             )
         except subprocess.TimeoutExpired as exc:
             raise RenderError(f"{binary} -c did not finish within {timeout:g}s") from exc

@@ -289,6 +289,9 @@ def _parse_authorization(value: str) -> tuple[str, str, str] | None:
     return fields["Credential"], fields["SignedHeaders"], fields["Signature"]
 
 
+_MUST_SIGN = ("content-type", "host", "x-amz-target")
+
+
 class ClientVerifier:
     """Checks that incoming requests are SigV4-signed with one of the configured client keys.
 
@@ -403,8 +406,13 @@ class ClientVerifier:
         signed = signed_list.split(";")
         if signed != sorted(set(signed)) or not all(signed) or signed_list != signed_list.lower():
             return _invalid("Malformed SignedHeaders: expected unique lowercase names in sorted order.")
-        if "host" not in signed:
-            return _invalid("SignedHeaders must include host.")
+        unsigned = [name for name in _MUST_SIGN if name not in signed]
+        if unsigned:
+            # Unsigned, X-Amz-Target could be changed on a captured request (a GetItem replayed as a
+            # DeleteItem), and Content-Type how the body is read.
+            return _invalid(
+                f"SignedHeaders must include {', '.join(_MUST_SIGN)} (missing: {', '.join(unsigned)})."
+            )
         if any(name not in values for name in signed):
             return _invalid("A header listed in SignedHeaders is missing from the request.")
 

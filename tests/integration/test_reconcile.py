@@ -216,6 +216,7 @@ def test_reconcile_lists_exactly_the_differences_and_apply_makes_the_regions_equ
     )
     # every overwritten or deleted target item was saved first
     saved = [json.loads(line) for line in backup.read_text().splitlines()]
+    assert backup.stat().st_mode & 0o777 == 0o600  # the items' data: the operator's eyes only
     assert {s["item"]["pk"]["S"] for s in saved} == {i["pk"]["S"] for i in extra + diff_tgt}
     assert {s["action"] for s in saved} == {"put", "delete"}
 
