@@ -151,7 +151,7 @@ async def _run(config: Config, config_path: Path) -> int:
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, reload)
-    logger.info("ddb-sidecar running: stable address %s, admin http://%s", config.listen, config.admin)
+    logger.info("ddb-sidecar running: stable address %s, admin %s", config.listen, config.admin)
     await daemon.stopped.wait()
     logger.info("stopping: draining in-flight requests")
     daemon.stopped.clear()
@@ -161,16 +161,19 @@ async def _run(config: Config, config_path: Path) -> int:
 
 
 def _admin_get(config: Config, path: str, timeout: float = 5.0) -> Any:
-    import urllib.error
-    import urllib.request
+    from sidecar.adminclient import AdminUnavailable, call
 
-    url = f"http://{config.admin}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        click.echo(f"ddb-sidecar is not answering on {url}: {getattr(exc, 'reason', exc)}", err=True)
+        status, doc = call(config, "GET", path, timeout=timeout)
+    except AdminUnavailable as exc:
+        click.echo(str(exc), err=True)
         sys.exit(EXIT_UNREACHABLE)
+    if status != 200:
+        click.echo(
+            f"the admin API answered {status}: {doc.get('error') or doc.get('reason') or doc}", err=True
+        )
+        sys.exit(EXIT_UNREACHABLE)
+    return doc
 
 
 @main.command()
@@ -243,23 +246,12 @@ def _echo_fleet(fleet: dict[str, Any]) -> None:
 
 
 def _admin_post(config: Config, path: str, body: dict[str, Any], timeout: float = 15.0) -> tuple[int, Any]:
-    import urllib.error
-    import urllib.request
+    from sidecar.adminclient import AdminUnavailable, call
 
-    url = f"http://{config.admin}{path}"
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read())
-        except ValueError:
-            return exc.code, {"reason": f"HTTP {exc.code} from {url}"}
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        click.echo(f"ddb-sidecar is not answering on {url}: {getattr(exc, 'reason', exc)}", err=True)
+        return call(config, "POST", path, body, timeout=timeout)
+    except AdminUnavailable as exc:
+        click.echo(str(exc), err=True)
         sys.exit(EXIT_UNREACHABLE)
 
 

@@ -462,7 +462,10 @@ class Config(_Model):
     health: Health = Health()
     failover: Failover = Failover()
     haproxy: HAProxy = HAProxy()
-    admin: AddressField = Address("127.0.0.1", 8405)
+    # `admin: ADDRESS` (host:port, or unix:PATH), or `admin: {address: ..., token_file: ...}` (normalized
+    # by config_from_data into these two fields).
+    admin: ListenerField = Address("127.0.0.1", 8405)
+    admin_token_file: Path | None = None
     state_dir: Path = Path("run")
     clients: list[Client] = []
     replication: Replication = Replication()
@@ -586,6 +589,36 @@ def _unsafe_text_problems(data: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+_ADMIN_KEYS = frozenset({"address", "token_file"})
+
+
+def _flat_admin(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`admin: {address, token_file}` as the model's `admin` and `admin_token_file`."""
+    if "admin_token_file" in data:
+        return data, ["admin_token_file: unknown key (write admin: {address: ..., token_file: ...})"]
+    admin = data.get("admin")
+    if not isinstance(admin, dict):
+        return data, []
+    problems = [
+        f"admin.{key}: unknown key (admin takes address and token_file)"
+        for key in admin
+        if key not in _ADMIN_KEYS
+    ]
+    flat = {k: v for k, v in data.items() if k != "admin"}
+    if "address" in admin:
+        flat["admin"] = admin["address"]
+    if admin.get("token_file") is not None:
+        flat["admin_token_file"] = admin["token_file"]
+    return flat, problems
+
+
+def admin_token(config: Config) -> str | None:
+    """The admin API's bearer token, read from `admin.token_file` now (None: no token configured)."""
+    if config.admin_token_file is None:
+        return None
+    return config.admin_token_file.read_text(encoding="utf-8").strip()
+
+
 def config_from_data(
     data: Any, *, base_dir: Path, source: str = "<config>", check_environment: bool = True
 ) -> Config:
@@ -596,6 +629,8 @@ def config_from_data(
     # Cross-field checks run on the raw data too, so one run reports a duplicate port together with a
     # malformed duration elsewhere.
     problems = _raw_problems(data) + _unsafe_text_problems(data)
+    data, admin_problems = _flat_admin(data)
+    problems += admin_problems
     try:
         config = Config.model_validate({**data, "base_dir": base_dir})
     except ValidationError as exc:
@@ -605,7 +640,7 @@ def config_from_data(
                 msg = "unknown key (check the spelling against INTERFACE.md)"
             elif err["type"] == "missing":
                 msg = "required"
-            problems.append(f"{_loc(err['loc'])}: {msg}")
+            problems.append(f"{_loc(err['loc'])}: {msg}".replace("admin_token_file", "admin.token_file"))
         # The checks of every section that is valid on its own still run (a missing template shows up
         # together with a malformed duration elsewhere).
         problems += _section_problems(data, base_dir, check_environment=check_environment)
@@ -630,6 +665,10 @@ def _resolved_haproxy(base: Path, hp: HAProxy) -> HAProxy:
 
 def _with_resolved_paths(config: Config) -> Config:
     base = config.base_dir
+    admin = config.admin
+    if isinstance(admin, UnixAddress):
+        admin = UnixAddress(_resolve(base, admin.path))
+    token = _resolve(base, config.admin_token_file) if config.admin_token_file is not None else None
     regions = [
         r.model_copy(update={"proxy": UnixAddress(_resolve(base, r.proxy.path))})
         if isinstance(r.proxy, UnixAddress)
@@ -641,6 +680,8 @@ def _with_resolved_paths(config: Config) -> Config:
             "haproxy": _resolved_haproxy(base, config.haproxy),
             "state_dir": _resolve(base, config.state_dir),
             "regions": regions,
+            "admin": admin,
+            "admin_token_file": token,
         }
     )
 
@@ -657,13 +698,25 @@ def _raw_address(data: Any, *keys: str | int) -> Address | None:
         return None
 
 
+def _raw_admin_address(data: dict[str, Any]) -> Address | None:
+    if "admin" not in data:
+        return Address("127.0.0.1", 8405)
+    if isinstance(data["admin"], dict):
+        return (
+            _raw_address(data["admin"], "address")
+            if "address" in data["admin"]
+            else Address("127.0.0.1", 8405)
+        )
+    return _raw_address(data, "admin")
+
+
 def _raw_problems(data: dict[str, Any]) -> list[str]:
     """Duplicates across sections, checked on the raw YAML so they show up with every other problem."""
     problems: list[str] = []
     hp: dict[str, Any] = data["haproxy"] if isinstance(data.get("haproxy"), dict) else {}
     candidates: list[tuple[str, Address | None]] = [
         ("listen", _raw_address(data, "listen") if "listen" in data else Address("127.0.0.1", 8000)),
-        ("admin", _raw_address(data, "admin") if "admin" in data else Address("127.0.0.1", 8405)),
+        ("admin", _raw_admin_address(data)),
         ("haproxy.stats", _raw_address(hp, "stats") if "stats" in hp else Address("127.0.0.1", 8404)),
     ]
     regions: list[Any] = data["regions"] if isinstance(data.get("regions"), list) else []
@@ -721,8 +774,33 @@ def semantic_problems(config: Config, *, check_environment: bool = True) -> list
         + _haproxy_problems(config.haproxy)
         + _clients_problems(config.clients, check_environment=check_environment)
         + _unix_listener_problems(config)
+        + _admin_problems(config)
         + _notify_problems(config.notify, check_environment=check_environment)
     )
+
+
+def _admin_problems(config: Config) -> list[str]:
+    path = config.admin_token_file
+    if path is None:
+        return []
+    try:
+        st = path.stat()
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        return [f"admin.token_file: cannot read {path}: {exc.strerror or exc}"]
+    except UnicodeDecodeError:
+        return [f"admin.token_file: {path} is not text"]
+    problems = []
+    if st.st_mode & 0o077:
+        problems.append(
+            f"admin.token_file: {path} is readable by others (mode {st.st_mode & 0o777:o}); chmod 600 {path}"
+        )
+    if len(token) < 16:
+        problems.append(
+            f"admin.token_file: the token in {path} is shorter than 16 characters; "
+            "write a long random one (e.g. `openssl rand -hex 32`)"
+        )
+    return problems
 
 
 def _unix_listener_problems(config: Config) -> list[str]:

@@ -261,7 +261,7 @@ class Daemon:
             path = where.path
             path.parent.mkdir(parents=True, exist_ok=True)
             if path.is_socket():
-                _remove_stale_socket(path)
+                remove_stale_socket(path)
             server = await loop.create_unix_server(factory, str(path), backlog=1024)
             path.chmod(0o600)  # HAProxy runs as our user; nobody else may sign with our credentials
             return server
@@ -660,7 +660,7 @@ class Daemon:
         }
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path) -> None:
     """Remove a socket file left by a dead process; refuse one a live process still answers on."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

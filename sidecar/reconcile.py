@@ -42,8 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ from typing import IO, Any, TextIO
 import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
+from sidecar.adminclient import AdminUnavailable, admin_where, call
 from sidecar.config import Config, Region
 from sidecar.core.diff import (
     Item,
@@ -137,14 +136,11 @@ def active_region(config: Config, timeout: float = 2.0) -> tuple[str, str]:
 
     Returns (region, how it was learned) for the report.
     """
-    url = f"http://{config.admin}/status"
+    url = admin_where(config) + "/status"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            doc = json.loads(resp.read())
-    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:
-        return config.home.name, (
-            f"the config's home region; the daemon is not answering on {url}: {getattr(exc, 'reason', exc)}"
-        )
+        _, doc = call(config, "GET", "/status", timeout=timeout)
+    except AdminUnavailable as exc:
+        return config.home.name, f"the config's home region; {exc}"
     active = doc.get("active_region") if isinstance(doc, dict) else None
     if not isinstance(active, str) or active not in {r.name for r in config.regions}:
         return config.home.name, f"the config's home region; the daemon at {url} reports no active region"

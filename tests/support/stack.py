@@ -7,7 +7,6 @@ its regions are moto processes, and the config is a real sidecar.yaml written to
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,6 +22,9 @@ from typing import Any
 import boto3
 import yaml
 from botocore.config import Config as BotoConfig
+
+from sidecar.adminclient import AdminUnavailable, call_at
+from sidecar.config import Address, UnixAddress
 
 from .moto_region import ONE_ATTEMPT, MotoRegion
 from .ports import free_port
@@ -46,6 +48,9 @@ def isolated_aws_env(access_key: str, secret: str, region: str = "us-east-1") ->
         "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class SidecarStack:
@@ -91,6 +96,7 @@ class SidecarStack:
         for key, value in (extra or {}).items():
             self.config[key] = value
         self.config_path = self.workdir / "sidecar.yaml"
+        self.admin_token: str | None = None  # sent with admin calls when the config sets admin.token_file
         self.write_config()
         creds = regions[0].credentials
         self.env = {
@@ -182,13 +188,29 @@ class SidecarStack:
 
         wait_until(all_up, timeout, message="every region up", ignore=(OSError,))
 
+    @property
+    def admin_address(self) -> Address | UnixAddress:
+        """Where the admin API listens (the config's `admin`, or its `address`)."""
+        admin = self.config.get("admin")
+        if isinstance(admin, dict):
+            admin = admin.get("address")
+        if isinstance(admin, str) and admin.startswith("unix:"):
+            path = Path(admin.removeprefix("unix:"))
+            return UnixAddress(path if path.is_absolute() else self.workdir / path)
+        return Address("127.0.0.1", self.admin_port)
+
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.admin_url}/status", timeout=2.0) as resp:
-            data: dict[str, Any] = json.loads(resp.read())
-            return data
+        """GET /status, as the CLI does (never through an http_proxy of the test's environment)."""
+        try:
+            code, data = call_at(self.admin_address, self.admin_token, "GET", "/status", timeout=2.0)
+        except AdminUnavailable as exc:
+            raise ConnectionError(str(exc)) from None
+        if code != 200:
+            raise ConnectionError(f"GET /status answered {code}: {data}")
+        return dict(data)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"{self.admin_url}/metrics", timeout=2.0) as resp:
+        with _NO_PROXY.open(f"{self.admin_url}/metrics", timeout=2.0) as resp:
             return str(resp.read().decode())
 
     def client(self, url: str | None = None, region: str = "us-east-1", **config: Any) -> Any:
