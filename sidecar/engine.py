@@ -126,6 +126,7 @@ class Daemon:
             self.credentials.current,
             active=lambda: self.failover.active_or_none,
             record=self.event,
+            notify=self.notifier.notify,
         )
         self.failover = Failover(
             lambda: self.config,

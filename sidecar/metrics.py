@@ -219,7 +219,12 @@ class DaemonCollector(Collector):
             age.add_metric([], replicator.iterator_age_s)
         errors = CounterMetricFamily("ddb_sidecar_replication_errors", "Replicator errors (retried)")
         errors.add_metric([], replicator.errors)
-        yield from (applied, rate, age, errors)
+        dead = CounterMetricFamily(
+            "ddb_sidecar_replication_dead_letters",
+            "Writes the target refused for good: recorded in the dead-letter file and skipped",
+        )
+        dead.add_metric([], replicator.counters.dead_letters)
+        yield from (applied, rate, age, errors, dead)
 
 
 def metrics_registry(daemon: Daemon) -> CollectorRegistry:

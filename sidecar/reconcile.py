@@ -70,6 +70,7 @@ from sidecar.core.diff import (
     summary_key,
     to_wire_json,
 )
+from sidecar.replication.deadletter import dead_letter_path, read_dead_letters
 
 logger = logging.getLogger(__name__)
 
@@ -814,6 +815,16 @@ def report_document(comparisons: list[Comparison], source_note: str) -> dict[str
 def render_text(doc: dict[str, Any]) -> list[str]:
     """The human summary of a report document."""
     lines = [f"source: {doc['source']}"]
+    letters = doc.get("dead_letters") or {}
+    if letters.get("count"):
+        lines.append(
+            f"dead letters: {letters['count']} write(s) the replicator could not apply, in {letters['file']} "
+            "(fix the item in the source, then --apply repairs the target):"
+        )
+        for e in letters.get("entries", [])[-10:]:
+            lines.append(
+                f"  {e.get('table')} {e.get('source')} -> {e.get('target')} {e.get('key')}: {e.get('error')}"
+            )
     for c in doc["comparisons"]:
         rate = f" ({c['items_per_second']:,.0f}/s)" if c.get("items_per_second") else ""
         lines.append(
@@ -875,4 +886,14 @@ def run_reconcile(
     regions = [config.region(source)] + [config.region(t) for t in dict.fromkeys(targets)]
     with Reconciler(regions, progress=progress, session=session, **options) as reconciler:
         comparisons = [reconciler.run(pair) for pair in pairs]
-    return report_document(comparisons, f"{source} ({note})")
+    doc = report_document(comparisons, f"{source} ({note})")
+    # What the replicator could never apply (this host's state_dir): the items to look at first.
+    letters = read_dead_letters(config.state_dir)
+    doc["dead_letters"] = {
+        "count": len(letters),
+        "file": str(dead_letter_path(config.state_dir)),
+        "entries": [
+            {k: e.get(k) for k in ("at", "table", "source", "target", "key", "error")} for e in letters[-100:]
+        ],
+    }
+    return doc

@@ -18,6 +18,7 @@ from sidecar.core.operations import (
     keys_provably_unique,
     operation_from_target,
 )
+from sidecar.core.replicate import BOOKKEEPING_PREFIX
 from sidecar.core.shapes import undefined_key
 
 
@@ -64,7 +65,64 @@ def admit(policy: GatePolicy, target: str | None, body: bytes) -> Admitted | Dyn
         )
     if not found.tables <= policy.tables:
         return errors.table_not_allowed(found.tables - policy.tables, policy.tables)
+    if found.kind is OpKind.WRITE:
+        reserved = _reserved_attribute(op.name, parsed)
+        if reserved is not None:
+            return errors.validation(reserved)
     return Admitted(op, found.kind, found.tables)
+
+
+RESERVED = BOOKKEEPING_PREFIX  # the replicator's bookkeeping attributes (`ddbsc:`)
+
+
+def _reserved_attribute(operation: str, body: dict[str, Any]) -> str | None:
+    """An app write naming an attribute of the replicator's (`ddbsc:...`): refused, not silently dropped
+    (an app-written `ddbsc:ts` would freeze the item against every later replicated write)."""
+    names: list[object] = []
+
+    def item(value: object) -> None:
+        if isinstance(value, dict):
+            names.extend(value)
+
+    def update(request: object) -> None:
+        if isinstance(request, dict):
+            aliases = request.get("ExpressionAttributeNames")
+            if isinstance(aliases, dict):
+                names.extend(aliases.values())
+            item(request.get("AttributeUpdates"))
+
+    if operation == "PutItem":
+        item(body.get("Item"))
+    elif operation == "UpdateItem":
+        update(body)
+    elif operation == "BatchWriteItem":
+        for requests in (body.get("RequestItems") or {}).values():
+            for request in requests if isinstance(requests, list) else ():
+                if isinstance(request, dict) and isinstance(request.get("PutRequest"), dict):
+                    item(request["PutRequest"].get("Item"))
+    elif operation == "TransactWriteItems":
+        for entry in body.get("TransactItems") or ():
+            if isinstance(entry, dict):
+                if isinstance(entry.get("Put"), dict):
+                    item(entry["Put"].get("Item"))
+                update(entry.get("Update"))
+    elif operation in ("ExecuteStatement", "BatchExecuteStatement", "ExecuteTransaction"):
+        statements = [body.get("Statement")] + [
+            e.get("Statement") for key in ("Statements", "TransactStatements") for e in body.get(key) or ()
+            if isinstance(e, dict)
+        ]  # fmt: skip
+        if any(isinstance(st, str) and RESERVED in st for st in statements):
+            return (
+                f"{operation}: the statement names an attribute in the {RESERVED} namespace, reserved for "
+                "ddb-sidecar's replication bookkeeping; rename the attribute"
+            )
+    for name in names:
+        if isinstance(name, str) and name.startswith(RESERVED):
+            return (
+                f"{operation}: the attribute {name[:64]!r} is in the {RESERVED} namespace, reserved for "
+                "ddb-sidecar's replication bookkeeping; rename it"
+            )
+    return None
 
 
 class _Duplicate(Exception):

@@ -31,6 +31,21 @@ from sidecar.core.replicate import (
 
 BATCH_GET_MAX = 100
 
+# Answers that the same write will get again however often it is retried: the item is refused for what it
+# is (too large, an attribute the target's schema or limits reject). Everything else (throttling, 5xx,
+# timeouts, credentials, a missing table being created) is retried with backoff.
+PERMANENT_ERRORS = frozenset(
+    {
+        "ValidationException",
+        "SerializationException",
+        "ItemCollectionSizeLimitExceededException",
+    }
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return error_code(exc) in PERMANENT_ERRORS
+
 
 @dataclass
 class SendResult:
@@ -39,6 +54,7 @@ class SendResult:
     applied: list[WriteOp] = field(default_factory=list)
     superseded: list[WriteOp] = field(default_factory=list)  # a newer version was there: success
     pending: list[WriteOp] = field(default_factory=list)  # retry after a backoff
+    failed: list[tuple[WriteOp, str]] = field(default_factory=list)  # refused for good: dead letters
     error: str | None = None
     requests: int = 0
 
@@ -104,6 +120,14 @@ class Applier:
             try:
                 self.client.transact_write_items(TransactItems=items)
             except ClientError as exc:
+                if is_permanent(exc):
+                    # One item refused for good makes the whole transaction fail: find it, one by one.
+                    single = self._single(remaining)
+                    for name in ("applied", "superseded", "pending", "failed"):
+                        getattr(result, name).extend(getattr(single, name))
+                    result.requests += single.requests
+                    result.error = single.error or f"TransactWriteItems: {describe_error(exc)}"
+                    break
                 if error_code(exc) != "TransactionCanceledException":
                     result.pending += remaining
                     result.error = f"TransactWriteItems: {describe_error(exc)}"
@@ -146,7 +170,14 @@ class Applier:
                     )
                 else:
                     applied = self._delete(op, result)
-            except (ClientError, BotoCoreError) as exc:
+            except ClientError as exc:
+                result.error = describe_error(exc)
+                if is_permanent(exc):
+                    result.failed.append((op, result.error))
+                else:
+                    result.pending.append(op)
+                continue
+            except BotoCoreError as exc:
                 result.pending.append(op)
                 result.error = describe_error(exc)
                 continue

@@ -37,12 +37,14 @@ class Replication:
         *,
         active: Callable[[], str | None],
         record: Callable[..., None],
+        notify: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._config = config
         self.heartbeats = heartbeats
         self._credentials = credentials
         self._active = active
         self._record = record
+        self._notify = notify
         self.replicator: StreamReplicator | None = None
         self.fleet: FleetMember | None = None
         self._lock = asyncio.Lock()
@@ -56,8 +58,26 @@ class Replication:
         if self.fleet is not None:
             checkpoints = etcd_checkpoints(self.fleet)
         return StreamReplicator(
-            self._config, self._credentials, state_dir, source_region=source, checkpoints=checkpoints
+            self._config,
+            self._credentials,
+            state_dir,
+            source_region=source,
+            checkpoints=checkpoints,
+            on_dead_letter=self._dead_letter,
         )
+
+    def _dead_letter(self, message: str) -> None:
+        self._record("alert", message, alert="replication-dead-letter")
+        if self._notify is not None:
+            self._notify(
+                {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "kind": "alert",
+                    "alert": "replication-dead-letter",
+                    "reason": message,
+                    "active_region": self._active(),
+                }
+            )
 
     # -- lifecycle
     async def start(self, fleet: FleetMember | None) -> None:

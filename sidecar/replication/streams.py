@@ -57,6 +57,7 @@ from sidecar.replication.checkpoint import (
     checkpoint_path,
 )
 from sidecar.replication.clients import ClientFactory, CredentialsLike, client_factory
+from sidecar.replication.deadletter import DeadLetters, dead_letter_path
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class Counters:
     records_stale: int = 0  # written in the source before its latest move there, never replicated: skipped
     requests: int = 0  # write requests (PutItem, DeleteItem, GetItem of tombstones, TransactWriteItems)
     errors: int = 0
+    dead_letters: int = 0  # writes refused for good, recorded in the dead-letter file and skipped
     last_error: str | None = None
     last_error_at: float | None = None
 
@@ -166,8 +168,11 @@ class StreamReplicator:
         clock: Callable[[], float] = time.time,
         client_factory: ClientFactory | None = None,
         checkpoints: Callable[[str, str, str], Checkpoints] | None = None,
+        on_dead_letter: Callable[[str], None] | None = None,
     ) -> None:
         self._config_getter = config_getter
+        self.dead_letters = DeadLetters(dead_letter_path(Path(state_dir)))
+        self._on_dead_letter = on_dead_letter
         # (source, target, table) -> where that pipeline's checkpoints live: files in state_dir by default;
         # a fleet's leader keeps them in etcd, so the next leader resumes where it stopped.
         self.checkpoints = checkpoints or (
@@ -438,6 +443,8 @@ class StreamReplicator:
             "records_per_s": round(self.records_per_s, 1),
             "iterator_age_s": self.iterator_age_s,
             "errors": c.errors,
+            "dead_letters": c.dead_letters,
+            "dead_letter_file": str(self.dead_letters.path),
             "last_error": c.last_error,
             "last_error_at": _iso(c.last_error_at) if c.last_error_at is not None else None,
             "targets": {
@@ -817,19 +824,36 @@ class _Pipeline:
             results = await asyncio.gather(*(send(g) for g in groups))
             pending = []
             errors = []
+            failed: list[tuple[WriteOp, str]] = []
             for result in results:
                 counters.requests += result.requests
                 counters.records_applied += sum(op.records for op in result.applied)
                 counters.records_superseded += sum(op.records for op in result.superseded)
                 pending += result.pending
+                failed += result.failed
                 if result.error:
                     errors.append(result.error)
+            if failed:
+                await self._dead_letter(failed)
             if pending:
                 attempt += 1
                 self._fail(
                     f"writing {len(pending)} items into {self.target.name}: {errors[0] if errors else '?'}"
                 )
                 await self.owner._sleep(backoff(attempt))
+
+    async def _dead_letter(self, failed: list[tuple[WriteOp, str]]) -> None:
+        """Writes the target refuses for good: recorded, counted, alerted; the shard goes on without them."""
+        await self.owner._run(self.owner.dead_letters.add, self.source.name, self.target.name, failed)
+        self.owner.counters.dead_letters += len(failed)
+        message = (
+            f"replication {self.name}: {len(failed)} write(s) refused for good by {self.target.name} "
+            f"({failed[0][1]}); recorded in {self.owner.dead_letters.path} and skipped, so replication goes on. "
+            "`ddb-sidecar reconcile` lists them; fix the item in the source (or the target's limits)"
+        )
+        logger.error("ALERT replication-dead-letter: %s", message)
+        if self.owner._on_dead_letter is not None:
+            self.owner._on_dead_letter(message)
 
     async def _save(self) -> None:
         async with self._save_lock:

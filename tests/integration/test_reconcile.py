@@ -401,7 +401,7 @@ def test_outage_failover_and_return_reconcile_lists_the_unreplicated_writes_and_
     clock = iter(range(1, 1_000_000))
 
     def order(pk: str, state: str) -> dict[str, Any]:
-        return item(pk, state=state, ddbsc_ts=next(clock))
+        return item(pk, state=state)
 
     with (
         FaultProxy(home.port, tmp_path) as home_proxy,
@@ -414,16 +414,26 @@ def test_outage_failover_and_return_reconcile_lists_the_unreplicated_writes_and_
         app = stack.client(connect_timeout=2, read_timeout=2)
 
         def put(it: dict[str, Any], deadline: float = 20.0) -> None:
-            """Write through the stable address until acknowledged (refused writes were never sent)."""
+            """Write through the stable address until acknowledged (refused writes were never sent), then
+            stamp the item's version (`ddbsc:ts`) in the region that took it, as a replicator's bookkeeping
+            would: the app itself may not write `ddbsc:` attributes (the gate refuses them)."""
             stop = time.monotonic() + deadline
             while True:
                 try:
                     app.put_item(TableName=table, Item=it)
-                    return
+                    break
                 except (ClientError, BotoCoreError):
                     if time.monotonic() > stop:
                         raise
                     time.sleep(0.1)
+            took = home if stack.status()["active_region"] == HOME else other
+            took.client().update_item(
+                TableName=table,
+                Key={"pk": it["pk"]},
+                UpdateExpression="SET #ts = :ts",
+                ExpressionAttributeNames={"#ts": "ddbsc:ts"},
+                ExpressionAttributeValues={":ts": {"N": str(next(clock))}},
+            )
 
         def replicate(pks: Iterable[str]) -> None:
             src = home.client()
