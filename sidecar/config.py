@@ -240,6 +240,10 @@ class Proxy(_Model):
     request_timeout: Duration = 10.0
     max_connections: Annotated[int, Field(ge=1, le=4096)] = 64
     idle_timeout: Duration = 30.0
+    # Connections each region listener accepts (HAProxy's, in practice); beyond: 503, not sent.
+    max_client_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 1024
+    # A connection that sends no byte within this is closed.
+    first_byte_timeout: Duration = 5.0
 
 
 class Client(_Model):

@@ -25,6 +25,7 @@ from typing import Any
 from sidecar.applier import Applier
 from sidecar.config import Address, Config, ConfigError, UnixAddress, load_config
 from sidecar.core.controller import Decision, Intent, desired_weights
+from sidecar.core.errors import DynamoError
 from sidecar.core.gate import GatePolicy
 from sidecar.core.health import Cause, HealthState
 from sidecar.failover import STATE_FILE, Failover, load_state
@@ -35,11 +36,12 @@ from sidecar.haproxy.render import render_to_file, template_path
 from sidecar.haproxy.runtime import RuntimeClient, RuntimeUnavailable
 from sidecar.haproxy.weights import WeightKeeper
 from sidecar.heartbeat import Heartbeats
+from sidecar.limits import connection_cap, raise_nofile_limit
 from sidecar.monitor import MAX_OUTSTANDING, RegionMonitor
 from sidecar.notify import Notifier
 from sidecar.proxy.credentials import CredentialSource
 from sidecar.proxy.fence import WriteFence
-from sidecar.proxy.listener import DataPathPolicy, RegionListener, RegionRuntime
+from sidecar.proxy.listener import DataPathPolicy, RefuseConnection, RegionListener, RegionRuntime
 from sidecar.proxy.sigv4 import ClientVerifier, DynamoDBRequestSigner
 from sidecar.proxy.upstream import Endpoint, UpstreamPool
 from sidecar.replication.lag import Replication
@@ -110,6 +112,9 @@ class Daemon:
         self.monitors: dict[str, RegionMonitor] = {}
         self._servers: list[asyncio.Server] = []
         self._connections: set[RegionListener] = set()
+        self._open_per_listener: dict[str, int] = {}
+        self.connection_cap = config.proxy.max_client_connections
+        self.connections_refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.events: deque[Event] = deque(maxlen=200)
         self.haproxy: HAProxyProcess | None = None
@@ -163,6 +168,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         await self.credentials.start()
         cfg = self.config
+        pools = len(cfg.regions) * (cfg.proxy.max_connections + MAX_OUTSTANDING)
+        self.connection_cap, lowered = connection_cap(
+            cfg.proxy.max_client_connections, len(cfg.regions), pools, raise_nofile_limit()
+        )
+        if lowered:
+            logger.warning("%s", lowered)
         for region in cfg.regions:
             endpoint = Endpoint.parse(region.url)
             signer = DynamoDBRequestSigner(region.name, endpoint.host_header)
@@ -255,7 +266,7 @@ class Daemon:
     async def _listen(self, where: Address | UnixAddress, runtime: RegionRuntime) -> asyncio.Server:
         loop = asyncio.get_running_loop()
 
-        def factory() -> RegionListener:
+        def factory() -> asyncio.Protocol:
             return self._new_connection(runtime)
 
         if isinstance(where, UnixAddress):
@@ -570,16 +581,34 @@ class Daemon:
                 hp = self.config.haproxy
                 idle = hp.timeout_client * 2  # HAProxy closes its idle server connections well before
                 for conn in list(self._connections):
-                    conn.expire(now, idle, hp.timeout_http_request)
+                    conn.expire(now, idle, hp.timeout_http_request, self.config.proxy.first_byte_timeout)
 
     # -- the data path's view
     def policy(self) -> DataPathPolicy:
         return self._policy
 
-    def _new_connection(self, runtime: RegionRuntime) -> RegionListener:
-        conn = RegionListener(runtime, self._connections.discard)
+    def _new_connection(self, runtime: RegionRuntime) -> asyncio.Protocol:
+        open_here = self._open_per_listener.get(runtime.name, 0)
+        if open_here >= self.connection_cap:
+            self.connections_refused += 1
+            return RefuseConnection(
+                DynamoError(
+                    503,
+                    "ServiceUnavailable",
+                    f"ddb-sidecar: listener {runtime.name} holds its maximum of {self.connection_cap} "
+                    "connections (proxy.max_client_connections); the request was NOT sent, it is safe to retry",
+                )
+            )
+        self._open_per_listener[runtime.name] = open_here + 1
+        conn = RegionListener(runtime, self._connection_closed)
         self._connections.add(conn)
         return conn
+
+    def _connection_closed(self, conn: RegionListener) -> None:
+        if conn in self._connections:
+            self._connections.discard(conn)
+            name = conn.region.name
+            self._open_per_listener[name] = max(0, self._open_per_listener.get(name, 0) - 1)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -638,6 +667,11 @@ class Daemon:
             "mode": self.failover.mode if started else "automatic",
             "regions": regions,
             "failover": self.failover.status() if started else None,
+            "connections": {
+                "open": dict(self._open_per_listener),
+                "cap_per_listener": self.connection_cap,
+                "refused": self.connections_refused,
+            },
             "haproxy": {
                 "managed": self.config.haproxy.manage,
                 "pid": self.haproxy.pid if self.haproxy else None,

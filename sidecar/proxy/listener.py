@@ -29,10 +29,19 @@ from sidecar.proxy.upstream import UpstreamError, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEALTH_PATH", "DataPathPolicy", "RegionHealth", "RegionListener", "RegionRuntime", "TrafficWatch"]
+__all__ = [
+    "HEALTH_PATH",
+    "DataPathPolicy",
+    "RefuseConnection",
+    "RegionHealth",
+    "RegionListener",
+    "RegionRuntime",
+    "TrafficWatch",
+]
 
 HEALTH_PATH = b"/ddb-sidecar/health"
 _MAX_HEADER_BYTES = 64 * 1024
+_MAX_URL_BYTES = 8 * 1024
 _MAX_PIPELINED = 16
 _JSON = b"Content-Type: application/x-amz-json-1.0\r\n"
 _HEALTH_UP = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nup\n"
@@ -50,9 +59,19 @@ _REASONS = {
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Payload Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
+
+
+_HEADERS_TOO_LARGE = DynamoError(
+    431, "RequestHeaderFieldsTooLarge", "request headers larger than 64 KiB; the request was not sent"
+)
+_URL_TOO_LONG = DynamoError(
+    414, "RequestURITooLong", "request URL longer than 8 KiB; the request was not sent"
+)
 
 
 class _Request:
@@ -108,12 +127,18 @@ class RegionListener(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._current = _Request()
         self._header_bytes = 0
-        self._parse_error: str | None = None
+        # Bytes of the header section as they arrive: httptools hands a header to on_header only once it
+        # is whole, buffering it meanwhile, so an endless header is caught here, not there.
+        self._in_headers = False
+        self._header_section_bytes = 0
+        self._parse_error: DynamoError | None = None
         self._add_header = self._current.headers.append
         self._queue: deque[_Request] = deque()
         self._busy = False
         self._closing = False
         self.last_active = time.monotonic()
+        self.opened_at = self.last_active
+        self.received_any = False  # a connection that never sends a byte is closed after a few seconds
         # When the request being read began; None between requests. Lets the daemon close connections
         # that trickle a request in (slowloris) or sit idle, if anything reaches the listener directly.
         self.partial_since: float | None = None
@@ -130,39 +155,56 @@ class RegionListener(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        self.received_any = True
+        mid_headers = self._in_headers
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._reply_and_close(
                 DynamoError(400, "SerializationException", "protocol upgrades are not supported")
             )
+            return
         except httptools.HttpParserError as exc:
-            detail = self._parse_error or f"malformed HTTP request: {str(exc)[:120]}"
-            self._reply_and_close(DynamoError(400, "SerializationException", detail))
+            error = self._parse_error or DynamoError(
+                400, "SerializationException", f"malformed HTTP request: {str(exc)[:120]}"
+            )
+            self._reply_and_close(error)
+            return
         except Exception:
             logger.exception("listener %s: unexpected error while parsing a request", self.region.name)
             self._reply_and_close(DynamoError(500, "InternalServerError", "ddb-sidecar internal error"))
+            return
+        if mid_headers and self._in_headers:  # the whole chunk was header bytes
+            self._header_section_bytes += len(data)
+            if self._header_section_bytes > _MAX_HEADER_BYTES:
+                self._reply_and_close(_HEADERS_TOO_LARGE)
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
         req = self._current = _Request()
         self._add_header = req.headers.append
         self._header_bytes = 0
+        self._header_section_bytes = 0
+        self._in_headers = True
         self.partial_since = self.last_active
 
     def on_url(self, url: bytes) -> None:
         self._current.url += url
+        if len(self._current.url) > _MAX_URL_BYTES:
+            self._parse_error = _URL_TOO_LONG
+            raise httptools.HttpParserError("URL too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp itself sets no limit on header size.
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > _MAX_HEADER_BYTES:
             # httptools reports an exception raised here only as "User callback error": keep ours.
-            self._parse_error = "request headers larger than 64 KiB"
-            raise httptools.HttpParserError(self._parse_error)
+            self._parse_error = _HEADERS_TOO_LARGE
+            raise httptools.HttpParserError("headers too large")
         self._add_header((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         req = self._current
         req.method = self._parser.get_method()
         req.keep_alive = self._parser.should_keep_alive()
@@ -200,10 +242,17 @@ class RegionListener(asyncio.Protocol):
         if not self._busy:
             self._next()
 
-    def expire(self, now: float, idle_timeout: float, request_timeout: float) -> bool:
-        """Close the connection if it idled or trickled a request for too long; True if closed."""
+    def expire(
+        self, now: float, idle_timeout: float, request_timeout: float, first_byte_timeout: float = 5.0
+    ) -> bool:
+        """Close the connection if it idled or trickled a request for too long, or sent nothing at all
+        within `first_byte_timeout` of opening; True if closed."""
         if self._busy or self._queue or self.transport is None or self._closing:
             return False
+        if not self.received_any and now - self.opened_at > first_byte_timeout:
+            self._closing = True
+            self.transport.close()
+            return True
         if self.partial_since is not None and now - self.partial_since > request_timeout:
             self._reply_and_close(
                 DynamoError(
@@ -413,3 +462,16 @@ def _auth_error(code: str, message: str) -> DynamoError:
     if code == "UnrecognizedClientException":
         return errors.unrecognized_client()
     return errors.invalid_signature(message)
+
+
+class RefuseConnection(asyncio.Protocol):
+    """A connection over the listener's cap: one DynamoDB-shaped error (the request was not sent), then
+    closed, without reading what it sends."""
+
+    def __init__(self, error: DynamoError) -> None:
+        self._answer = _error_response(error, close=True)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        t.write(self._answer)
+        t.close()

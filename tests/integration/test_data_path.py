@@ -427,5 +427,5 @@ def test_oversized_headers_refused(stack: SidecarStack) -> None:
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
-    assert data.startswith(b"HTTP/1.1 400"), data[:200]
+    assert data.startswith(b"HTTP/1.1 431"), data[:200]
     assert b"64 KiB" in data
