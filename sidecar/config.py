@@ -244,6 +244,8 @@ class Proxy(_Model):
     max_client_connections: Annotated[int, Field(ge=16, le=1_000_000)] = 1024
     # A connection that sends no byte within this is closed.
     first_byte_timeout: Duration = 5.0
+    # Request bytes held in memory at once, every listener together; beyond: 503, not sent.
+    max_inflight_bytes: Annotated[int, Field(ge=1024 * 1024)] = 256 * 1024 * 1024
 
 
 class Client(_Model):

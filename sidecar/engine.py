@@ -39,6 +39,7 @@ from sidecar.heartbeat import Heartbeats
 from sidecar.limits import connection_cap, raise_nofile_limit
 from sidecar.monitor import MAX_OUTSTANDING, RegionMonitor
 from sidecar.notify import Notifier
+from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.credentials import CredentialSource
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.listener import DataPathPolicy, RefuseConnection, RegionListener, RegionRuntime
@@ -115,6 +116,7 @@ class Daemon:
         self._open_per_listener: dict[str, int] = {}
         self.connection_cap = config.proxy.max_client_connections
         self.connections_refused = 0
+        self.budget = ByteBudget(config.proxy.max_inflight_bytes)
         self._tasks: set[asyncio.Task[None]] = set()
         self.events: deque[Event] = deque(maxlen=200)
         self.haproxy: HAProxyProcess | None = None
@@ -188,6 +190,7 @@ class Daemon:
             )
             runtime = RegionRuntime(region.name, signer, pool, self.credentials.current, self.policy)
             runtime.fence = self.fence
+            runtime.budget = self.budget
             self.regions[region.name] = runtime
             probe_pool = UpstreamPool(
                 endpoint,
@@ -671,6 +674,9 @@ class Daemon:
                 "open": dict(self._open_per_listener),
                 "cap_per_listener": self.connection_cap,
                 "refused": self.connections_refused,
+                "inflight_bytes": self.budget.used,
+                "inflight_bytes_limit": self.budget.limit,
+                "refused_over_budget": self.budget.refused,
             },
             "haproxy": {
                 "managed": self.config.haproxy.manage,

@@ -126,6 +126,15 @@ def validation(detail: str) -> DynamoError:
     return DynamoError(400, "ValidationException", _clip(detail, 1000), CORAL_VALIDATE)
 
 
+def over_budget() -> DynamoError:
+    return DynamoError(
+        503,
+        "ServiceUnavailable",
+        "ddb-sidecar holds its maximum of request bytes in memory (proxy.max_inflight_bytes); the request "
+        "was NOT sent, it is safe to retry",
+    )
+
+
 def body_too_large(size: int, limit: int) -> DynamoError:
     return DynamoError(
         413,

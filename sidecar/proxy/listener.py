@@ -79,8 +79,10 @@ class _Request:
         "admitted",
         "body",
         "headers",
+        "held",
         "keep_alive",
         "method",
+        "over_budget",
         "received",
         "size",
         "target",
@@ -98,6 +100,8 @@ class _Request:
         self.size = 0
         self.received = 0
         self.target: str | None = None
+        self.held = 0  # body bytes taken from the shared budget, given back when the request is done
+        self.over_budget = False
 
 
 def _error_response(error: DynamoError, close: bool = False) -> bytes:
@@ -150,8 +154,17 @@ class RegionListener(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        for req in self._queue:
+            self._done(req)
         self._queue.clear()
+        self._done(self._current)
         self._on_close(self)
+
+    def _done(self, req: _Request) -> None:
+        """The request's bytes are no longer held (answered, refused, or its connection gone)."""
+        if req.held and self.region.budget is not None:
+            self.region.budget.give(req.held)
+        req.held = 0
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -225,14 +238,24 @@ class RegionListener(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         req = self._current
-        if req.too_large:
+        if req.too_large or req.over_budget:
             return
+        budget = self.region.budget
+        if budget is not None:
+            if not budget.take(len(body)):
+                req.over_budget = True  # read on, keep nothing; answered "not sent" when complete
+                budget.refused += 1
+                self._done(req)
+                req.body.clear()
+                return
+            req.held += len(body)
         req.body.append(body)
         req.received += len(body)
         if req.received > self.region.policy().gate.max_body_bytes:
             req.too_large = True
             req.size = max(req.size, req.received)
             req.body.clear()
+            self._done(req)
 
     def on_message_complete(self) -> None:
         self.partial_since = None
@@ -293,6 +316,9 @@ class RegionListener(asyncio.Protocol):
             self._refuse(req, errors.not_found(req.url.decode("latin-1")), "route")
             return
         policy = region.policy()
+        if req.over_budget:
+            self._refuse(req, errors.over_budget(), "over_budget")
+            return
         if req.too_large:
             self._refuse(
                 req, errors.body_too_large(req.size, policy.gate.max_body_bytes), "too_large", close=True
@@ -328,6 +354,7 @@ class RegionListener(asyncio.Protocol):
             def release(to: RegionRuntime | None) -> None:
                 self._busy = False
                 if self._closing or self.transport is None:
+                    self._done(req)
                     return
                 try:
                     self._forward(req, body, target, decision, to or dest)
@@ -376,6 +403,7 @@ class RegionListener(asyncio.Protocol):
             region.fast_in_flight += 1
 
         def reply(response: UpstreamResponse | None, error: UpstreamError | None) -> None:
+            self._done(req)
             region.stats.in_flight -= 1
             if write:
                 region.writes_in_flight -= 1
@@ -419,6 +447,7 @@ class RegionListener(asyncio.Protocol):
     def _refuse(
         self, req: _Request, error: DynamoError, reason: str, op: str = "-", close: bool = False
     ) -> None:
+        self._done(req)
         stats = self.region.stats
         stats.refused[reason] += 1
         stats.requests[(op, error.status)] += 1
@@ -441,6 +470,8 @@ class RegionListener(asyncio.Protocol):
             transport.close()
 
     def _reply_and_close(self, error: DynamoError) -> None:
+        for req in self._queue:
+            self._done(req)
         self._queue.clear()
         if not self._busy:
             self._write(_error_response(error, close=True), keep_alive=False)

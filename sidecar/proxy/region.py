@@ -15,6 +15,7 @@ from sidecar.proxy.stats import RegionStats
 from sidecar.proxy.upstream import UpstreamError, UpstreamPool
 
 if TYPE_CHECKING:
+    from sidecar.proxy.budget import ByteBudget
     from sidecar.proxy.fence import WriteFence
 
 
@@ -85,4 +86,6 @@ class RegionRuntime:
         # Switchover: the fence shared by every listener, and (after one) the active region this listener's
         # stray writes go to, so that no write lands in the old region once the new one took over.
         self.fence: WriteFence[RegionRuntime] | None = None
+        # The request bytes every listener may hold at once (shared; None: unbounded, in unit tests).
+        self.budget: ByteBudget | None = None
         self.forward_to: RegionRuntime | None = None

@@ -118,3 +118,29 @@ def test_the_open_files_limit_is_raised_at_start(stack: SidecarStack) -> None:
     line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
     soft, hard = line.split()[3:5]
     assert soft == hard and int(soft) > 1024, line  # started with 1024: raised to the hard limit
+
+
+def test_request_bytes_held_at_once_are_bounded(moto_regions: dict[str, MotoRegion], tmp_path: Path) -> None:
+    table = new_app_table(moto_regions.values(), "budget")
+    regions = [moto_regions["us-east-1"], moto_regions["eu-west-1"]]
+    extra = {"proxy": {"max_inflight_bytes": 1024 * 1024}}
+    with SidecarStack(regions, [table], tmp_path, extra=extra) as stack:
+        port = stack.region_ports["us-east-1"]
+        head = (
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.0\r\n"
+            "X-Amz-Target: DynamoDB_20120810.PutItem\r\nContent-Length: {}\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+            slow.sendall(head.format(1_000_000).encode() + b"{" + b" " * 900_000)  # 900 KB held, unfinished
+            wait_until(lambda: stack.status()["connections"]["inflight_bytes"] >= 900_000, 5, message="held")
+            body = b'{"TableName": "%s", "Item": {"pk": {"S": "b"}, "v": {"S": "%s"}}}' % (
+                table.encode(),
+                b"x" * 300_000,
+            )
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as other:
+                other.sendall(head.format(len(body)).encode() + body)
+                data = other.recv(65536)
+            assert data.startswith(b"HTTP/1.1 503") and b"NOT sent" in data, data[:300]
+            assert stack.status()["connections"]["refused_over_budget"] >= 1
+        wait_until(lambda: stack.status()["connections"]["inflight_bytes"] == 0, 5, message="given back")
+        stack.client().put_item(TableName=table, Item={"pk": {"S": "b"}, "v": {"S": "x" * 300_000}})
