@@ -43,6 +43,7 @@ from sidecar.proxy.budget import ByteBudget
 from sidecar.proxy.credentials import CredentialSource
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.listener import DataPathPolicy, RefuseConnection, RegionListener, RegionRuntime
+from sidecar.proxy.offload import GateOffload
 from sidecar.proxy.sigv4 import ClientVerifier, DynamoDBRequestSigner
 from sidecar.proxy.upstream import Endpoint, UpstreamPool
 from sidecar.replication.lag import Replication
@@ -117,6 +118,7 @@ class Daemon:
         self.connection_cap = config.proxy.max_client_connections
         self.connections_refused = 0
         self.budget = ByteBudget(config.proxy.max_inflight_bytes)
+        self.offload = GateOffload()
         self._tasks: set[asyncio.Task[None]] = set()
         self.events: deque[Event] = deque(maxlen=200)
         self.haproxy: HAProxyProcess | None = None
@@ -169,6 +171,7 @@ class Daemon:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await self.credentials.start()
+        self.offload.start()
         cfg = self.config
         pools = len(cfg.regions) * (cfg.proxy.max_connections + MAX_OUTSTANDING)
         self.connection_cap, lowered = connection_cap(
@@ -191,6 +194,7 @@ class Daemon:
             runtime = RegionRuntime(region.name, signer, pool, self.credentials.current, self.policy)
             runtime.fence = self.fence
             runtime.budget = self.budget
+            runtime.offload = self.offload
             self.regions[region.name] = runtime
             probe_pool = UpstreamPool(
                 endpoint,
@@ -383,6 +387,7 @@ class Daemon:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keeper.stop()
         await self.replication.stop()
+        self.offload.stop()
         if self.haproxy is not None:
             await self.haproxy.stop()
         # Let in-flight requests finish (bounded), then close what remains.

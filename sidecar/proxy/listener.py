@@ -24,6 +24,7 @@ from sidecar.core.errors import DynamoError
 from sidecar.core.gate import Admitted, admit
 from sidecar.core.latency import LatencyClass, latency_class
 from sidecar.core.operations import OpKind, operation_from_target
+from sidecar.proxy.offload import OFFLOAD_BYTES
 from sidecar.proxy.region import DataPathPolicy, RegionHealth, RegionRuntime, TrafficWatch
 from sidecar.proxy.upstream import UpstreamError, UpstreamResponse
 
@@ -338,7 +339,40 @@ class RegionListener(asyncio.Protocol):
             if failure is not None:
                 self._refuse(req, _auth_error(failure.code, failure.message), "auth", _op_label(target))
                 return
-        decision = admit(policy.gate, target, body)
+        offload = region.offload
+        if offload is not None and len(body) > OFFLOAD_BYTES:
+            # a large body is judged in a worker process: parsing it here could stall every connection
+            self._busy = True
+            gate = policy.gate
+
+            def judged(future: asyncio.Future[Admitted | DynamoError]) -> None:
+                self._busy = False
+                if self._closing or self.transport is None:
+                    self._done(req)
+                    return
+                try:
+                    decision = future.result()
+                except Exception as exc:  # a broken worker: decide here (slower, still correct)
+                    logger.error("listener %s: gate worker failed (%r); judging inline", region.name, exc)
+                    decision = admit(gate, target, body)
+                try:
+                    self._admitted(req, body, target, decision)
+                except Exception:
+                    logger.exception("listener %s: unexpected error handling a request", region.name)
+                    self._reply_and_close(errors.internal("ddb-sidecar internal error"))
+                    return
+                if not self._busy:
+                    self._next()
+
+            offload.admit(gate, target, body).add_done_callback(judged)
+            return
+        self._admitted(req, body, target, admit(policy.gate, target, body))
+
+    def _admitted(
+        self, req: _Request, body: bytes, target: str | None, decision: Admitted | DynamoError
+    ) -> None:
+        """The rest of a request once the gate has judged it: refuse, hold (fence) or forward."""
+        region = self.region
         if isinstance(decision, DynamoError):
             self._refuse(req, decision, decision.code, _op_label(target))
             return

@@ -17,6 +17,7 @@ from sidecar.proxy.upstream import UpstreamError, UpstreamPool
 if TYPE_CHECKING:
     from sidecar.proxy.budget import ByteBudget
     from sidecar.proxy.fence import WriteFence
+    from sidecar.proxy.offload import GateOffload
 
 
 @dataclass(slots=True)
@@ -88,4 +89,6 @@ class RegionRuntime:
         self.fence: WriteFence[RegionRuntime] | None = None
         # The request bytes every listener may hold at once (shared; None: unbounded, in unit tests).
         self.budget: ByteBudget | None = None
+        # Where large bodies are judged (a worker process; None: inline, in unit tests).
+        self.offload: GateOffload | None = None
         self.forward_to: RegionRuntime | None = None
