@@ -9,6 +9,10 @@ Set-up, all on 127.0.0.1:
 wrk sends keep-alive POSTs with a 1 KB DynamoDB body. We report req/s and p50/p99 for both, their ratio,
 the sidecar's CPU µs per request (from /proc utime+stime over the run) and its resident memory after.
 Machines here are shared and noisy: the ratio, measured back to back, is the number to compare.
+Then hostile inputs, one after the other, to the tcp sidecar's region listener (a 13 MB body of nested
+maps, 4 MB PartiQL statements, endless headers, 16 pipelined 1 MB bodies on 4 connections): the worst
+event-loop stall each causes (the worst latency of the listener's own health check, polled every 5 ms)
+and the sidecar's RSS after it.
 """
 
 from __future__ import annotations
@@ -216,6 +220,97 @@ def run_python_load(url: str, body: bytes, seconds: float, connections: int) -> 
     }
 
 
+def _post_raw(port: int, target: str, body: bytes, *, read: bool = True) -> None:
+    head = (
+        f"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.0\r\n"
+        f"X-Amz-Target: DynamoDB_20120810.{target}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        try:
+            sock.sendall(head + body)
+            if read:
+                sock.recv(65536)
+        except OSError:
+            pass
+
+
+def hostile_inputs(port: int, pid: int) -> list[tuple[str, float, float]]:
+    """Each hostile input while a thread polls the listener's health check; (input, worst stall, RSS)."""
+    nested = b",".join(b'"a%d":{"M":{}}' % i for i in range(850_000))
+    item = b'{"TableName":"not-served","Item":{"pk":{"S":"h"},"v":{"M":{%s}}}}' % nested
+    statement = json.dumps({"Statement": "SELECT * FROM bench WHERE pk = '" + "x" * (4 << 20) + "'"}).encode()
+
+    def endless_header() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            try:
+                sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+                for _ in range(256):
+                    sock.sendall(b"a" * 16384)
+            except OSError:
+                pass
+
+    def pipelined() -> None:
+        one = b"{" + b" " * (1 << 20) + b"}"
+        head = (
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.0\r\n"
+            f"X-Amz-Target: DynamoDB_20120810.GetItem\r\nContent-Length: {len(one)}\r\n\r\n"
+        ).encode()
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        try:
+            for sock in socks:
+                try:
+                    sock.sendall((head + one) * 16)
+                except OSError:
+                    pass
+        finally:
+            for sock in socks:
+                sock.close()
+
+    cases = [
+        (
+            "13 MB item of 850,000 nested maps (x2)",
+            lambda: [_post_raw(port, "PutItem", item) for _ in range(2)],
+        ),
+        (
+            "4 MB PartiQL statement (x3)",
+            lambda: [_post_raw(port, "ExecuteStatement", statement) for _ in range(3)],
+        ),
+        ("endless header, 4 MB offered (x6)", lambda: [endless_header() for _ in range(6)]),
+        ("16 pipelined 1 MB bodies on each of 4 connections", pipelined),
+    ]
+    return [(name, _worst_stall(port, run) * 1000, rss_mb(pid)) for name, run in cases]
+
+
+def _worst_stall(port: int, run: Any) -> float:
+    """The worst latency of the listener's health check, polled every 5 ms while `run()` runs."""
+    import threading
+
+    worst = [0.0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(b"GET /ddb-sidecar/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    sock.recv(1024)
+            except OSError:
+                pass
+            worst[0] = max(worst[0], time.monotonic() - started)
+            stop.wait(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        watcher.join(15)
+    return worst[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -269,7 +364,8 @@ def main() -> int:
             folder = work / kind
             folder.mkdir()
             listen, admin, stats = free_port(), free_port(), free_port()
-            proxy = f"127.0.0.1:{free_port()}" if kind == "tcp" else "unix:run/us-east-1.sock"
+            region_port = free_port()
+            proxy = f"127.0.0.1:{region_port}" if kind == "tcp" else "unix:run/us-east-1.sock"
             config = {
                 "listen": f"127.0.0.1:{listen}",
                 "regions": [
@@ -287,7 +383,13 @@ def main() -> int:
                 f"sidecar-{kind}",
                 env,
             )
-            sidecars[kind] = {"proc": proc, "url": f"http://127.0.0.1:{listen}/", "admin": admin, "runs": []}
+            sidecars[kind] = {
+                "proc": proc,
+                "url": f"http://127.0.0.1:{listen}/",
+                "admin": admin,
+                "runs": [],
+                "region_port": region_port,
+            }
         wait_http(f"http://127.0.0.1:{direct_port}/")
         for sc in sidecars.values():
             wait_http(f"http://127.0.0.1:{sc['admin']}/status")
@@ -358,6 +460,13 @@ def main() -> int:
                 print(f"WARNING: the {kind} sidecar returned errors; see", work / f"sidecar-{kind}.log")
                 failed = True
         print("bars: ratio >= 0.25, CPU <= 150 us, RSS < 100 MB; goals: ratio >= 0.5, CPU <= 60 us")
+        if "tcp" in sidecars:
+            sc = sidecars["tcp"]
+            print("\nhostile inputs, one after the other, to the tcp sidecar's region listener:")
+            print(f"{'input':<58}{'worst loop stall ms':>20}{'RSS after MB':>14}")
+            for name, stall, rss in hostile_inputs(sc["region_port"], sc["proc"].pid):
+                print(f"{name:<58}{stall:>20.0f}{rss:>14.1f}")
+            print("(loop stall: the worst latency of the listener's health check, polled every 5 ms)")
         print(
             "upstream connections opened: "
             + ", ".join(
