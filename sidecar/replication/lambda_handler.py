@@ -5,6 +5,8 @@ for deletes, the replicator's own writes skipped. Lambda reads the shards (in li
 shard at a time with ParallelizationFactor 1) and keeps the checkpoint; this handler applies one batch and
 reports the first record it could not apply in `batchItemFailures` (the event source mapping needs
 `FunctionResponseTypes: [ReportBatchItemFailures]`), so Lambda retries from there: re-delivery is harmless.
+A record it cannot parse or plan is reported the same way (never raised); a write the target refuses for
+good (ValidationException and kin) is logged as a `dead letter:` line and skipped, so the shard moves on.
 
 Environment:
 - `TARGET_REGIONS`: comma-separated regions to write into (required), e.g. `eu-west-1`;
@@ -170,6 +172,7 @@ class LambdaReplicator:
             "echoes": 0,
             "stale": 0,
             "failed": 0,
+            "dead_letters": 0,
         }
         by_source: dict[tuple[str, str], list[tuple[int, Change]]] = {}
         for index, raw in enumerate(records):
@@ -214,7 +217,11 @@ class LambdaReplicator:
             except (ClientError, BotoCoreError, RuntimeError) as exc:
                 logger.error("reading tombstones in %s failed: %s", region, describe_error(exc))
                 return set(indexes)
-        delivery = plan(table, changes, region, tombstones, s.not_before_ms)
+        try:
+            delivery = plan(table, changes, region, tombstones, s.not_before_ms)
+        except Exception as exc:  # reported, never raised: a raise would retry the whole batch blindly
+            logger.error("records of %s in %s cannot be planned: %r", table, region, exc)
+            return set(indexes)
         summary["echoes"] += delivery.echoes
         summary["stale"] += delivery.stale
         failed_ops: list[WriteOp] = []
@@ -253,6 +260,14 @@ class LambdaReplicator:
                 summary["applied"] += sum(op.records for op in result.applied)
                 summary["superseded"] += sum(op.records for op in result.superseded)
                 retry += result.pending
+                for op, error in result.failed:
+                    # refused for good by the target: logged as a dead letter and skipped, so the shard
+                    # moves on (`ddb-sidecar reconcile` finds the item that differs)
+                    summary["dead_letters"] += op.records
+                    logger.error(
+                        "dead letter: %s",
+                        json.dumps({"table": op.table, "target": target, "key": op.key, "error": error}),
+                    )
                 if result.error:
                     logger.warning("writing into %s: %s", target, result.error)
             pending = retry

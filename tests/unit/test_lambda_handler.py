@@ -167,6 +167,20 @@ def test_a_failed_write_is_reported_from_its_first_record(aws: None) -> None:
     assert result == {"batchItemFailures": [{"itemIdentifier": records[0]["dynamodb"]["SequenceNumber"]}]}
 
 
+def test_a_write_the_target_refuses_for_good_is_a_dead_letter_not_a_retry(
+    aws: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # just under moto's item size limit in the source; the replicator's own ddbsc:ts pushes it over
+    ddb = client(SOURCE)
+    ddb.put_item(TableName=TABLE, Item={"pk": {"S": "big"}, "v": {"S": "x" * (404996 - 2)}})
+    ddb.put_item(TableName=TABLE, Item={"pk": {"S": "small"}, "v": {"S": "y"}})
+    with caplog.at_level("ERROR"):
+        result = replicator().handle({"Records": stream_event()}, Context())
+    assert result == {"batchItemFailures": []}  # the shard moves on
+    assert set(items(TARGET)) == {"small"}
+    assert "dead letter:" in caplog.text and '"big"' in caplog.text
+
+
 def test_a_malformed_record_is_reported_and_the_rest_applied(aws: None) -> None:
     app_writes()
     records = stream_event()
