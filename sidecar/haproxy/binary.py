@@ -71,3 +71,14 @@ def child_environment(secret_names: tuple[str, ...] = ()) -> dict[str, str]:
     config names as holding secrets (client secrets, the webhook URL), dropped whatever their names."""
     drop = set(secret_names)
     return {k: v for k, v in os.environ.items() if k not in drop and not _SECRET_NAME.search(k)}
+
+
+@functools.lru_cache(maxsize=8)
+def binary_features(binary: str) -> frozenset[str]:
+    """What this HAProxy binary was built with that the template uses: `prometheus-exporter` (its own
+    metrics, served on the stats listener). From `haproxy -vv`; nothing when it cannot be run."""
+    try:
+        done = subprocess.run([binary, "-vv"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset({"prometheus-exporter"}) if "prometheus-exporter" in done.stdout else frozenset()

@@ -21,7 +21,7 @@ import jinja2
 import jinja2.exceptions
 import jinja2.sandbox
 
-from sidecar.haproxy.binary import child_environment, find_haproxy
+from sidecar.haproxy.binary import HAProxyNotFound, binary_features, child_environment, find_haproxy
 
 if TYPE_CHECKING:
     from sidecar.config import Config
@@ -124,8 +124,11 @@ def template_path(config: Config) -> Path:
     return config.haproxy.template if config.haproxy.template is not None else builtin_template_path()
 
 
-def render(config: Config, weights: Mapping[str, int] | None = None) -> str:
-    """haproxy.cfg for `config`, with `weights` per region (default: home 100, others 0). Deterministic."""
+def render(
+    config: Config, weights: Mapping[str, int] | None = None, features: frozenset[str] = frozenset()
+) -> str:
+    """haproxy.cfg for `config`, with `weights` per region (default: home 100, others 0), using what the
+    HAProxy binary has (`features`, from `binary_features`). Deterministic."""
     path = template_path(config)
     per_server = server_weights(config, weights)
     context: dict[str, Any] = {
@@ -138,6 +141,7 @@ def render(config: Config, weights: Mapping[str, int] | None = None) -> str:
             for region in config.regions
         ],
         "weights": per_server,
+        "prometheus_exporter": "prometheus-exporter" in features,
     }
     try:
         template = _environment(path.parent).get_template(path.name)
@@ -248,12 +252,19 @@ def render_to_file(
     would be rendered (a drift check for deploy pipelines, which need no HAProxy for it).
     """
     path = out if out is not None else config.haproxy.config
-    text = render(config, weights)
+    if binary is None:
+        try:
+            binary = find_haproxy(config.haproxy.binary)
+        except HAProxyNotFound:
+            if not check:
+                raise
+    text = render(config, weights, binary_features(binary) if binary is not None else frozenset())
     if check:
         try:
             current: bytes | None = path.read_bytes()
         except FileNotFoundError:
             current = None
         return RenderResult(changed=current != text.encode("utf-8"), path=path, text=text)
-    validate(text, binary or find_haproxy(config.haproxy.binary))
+    assert binary is not None
+    validate(text, binary)
     return RenderResult(changed=write_atomic(path, text), path=path, text=text)
