@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sidecar import __version__
 from sidecar.applier import Applier
 from sidecar.config import Address, Config, ConfigError, UnixAddress, load_config
 from sidecar.core.controller import Decision, Intent, desired_weights
@@ -181,7 +182,9 @@ class Daemon:
             logger.warning("%s", lowered)
         for region in cfg.regions:
             endpoint = Endpoint.parse(region.url)
-            signer = DynamoDBRequestSigner(region.name, endpoint.host_header)
+            signer = DynamoDBRequestSigner(
+                region.name, endpoint.host_header, user_agent=f"ddb-sidecar/{__version__}"
+            )
             pool = UpstreamPool(
                 endpoint,
                 loop=loop,

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from sidecar import __version__
 from sidecar.config import Config
 from sidecar.core.controller import (
     Decision,
@@ -54,7 +55,7 @@ from sidecar.proxy.region import RegionRuntime
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
+VERSION = __version__
 RETRY = 1.0  # seconds between attempts to reach etcd while it is lost
 PUBLISH_EVERY = 0.05  # at most this often, the member record is rewritten after health changes
 LAG_EVERY = 1.0  # the leader publishes the replication lag it measures this often

@@ -89,6 +89,7 @@ class _Request:
         "target",
         "too_large",
         "url",
+        "user_agent",
     )
 
     def __init__(self) -> None:
@@ -101,6 +102,7 @@ class _Request:
         self.size = 0
         self.received = 0
         self.target: str | None = None
+        self.user_agent: bytes | None = None
         self.held = 0  # body bytes taken from the shared budget, given back when the request is done
         self.over_budget = False
 
@@ -227,6 +229,8 @@ class RegionListener(asyncio.Protocol):
             lname = name.lower()
             if lname == b"x-amz-target":
                 req.target = value.decode("latin-1")
+            elif lname == b"user-agent":
+                req.user_agent = value
             elif lname == b"content-length":
                 try:
                     req.size = int(value)
@@ -420,7 +424,7 @@ class RegionListener(asyncio.Protocol):
                          decision.operation.name)  # fmt: skip
             return
         region = dest
-        head = region.signer.request_head(region.credentials(), target, body, time.time())
+        head = region.signer.request_head(region.credentials(), target, body, time.time(), req.user_agent)
         self._busy = True
         started = time.monotonic()
         if not region.stats.in_flight:

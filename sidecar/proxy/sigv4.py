@@ -158,6 +158,9 @@ class _SigningState(NamedTuple):
     head_middle: bytes  # from the end of the X-Amz-Target line to "Signature="
 
 
+_PRINTABLE_UA = re.compile(rb"[^\x20-\x7e]")
+
+
 class DynamoDBRequestSigner:
     """Builds signed HTTP/1.1 request heads for ``POST /`` DynamoDB JSON requests to one endpoint.
 
@@ -166,6 +169,7 @@ class DynamoDBRequestSigner:
     """
 
     def __init__(self, region: str, host: str, service: str = "dynamodb", user_agent: str = "ddb-sidecar"):
+        self.user_agent = user_agent.strip().encode("ascii")
         self.region = _check_printable(region, "region", spaces=False)
         self.service = _check_printable(service, "service", spaces=False)
         self.host = _check_printable(host, "host", spaces=False)
@@ -220,8 +224,13 @@ class DynamoDBRequestSigner:
         self._targets[target] = encoded
         return encoded
 
-    def request_head(self, creds: Credentials, target: str, body: bytes, now: float) -> bytes:
+    def request_head(
+        self, creds: Credentials, target: str, body: bytes, now: float, app_user_agent: bytes | None = None
+    ) -> bytes:
         """The complete request head, ending in a blank line; the caller sends ``body`` right after it.
+
+        ``app_user_agent``: the app's own User-Agent, kept (with ours appended) so that CloudTrail and AWS
+        support still see the app's SDK and version; only printable ASCII of it, at most 512 bytes.
 
         Raises ValueError for a target, access key or token that is not printable ASCII (header
         injection).
@@ -240,13 +249,18 @@ class DynamoDBRequestSigner:
         creq = state.creq_prefix + target + state.creq_middle + _sha256(body).hexdigest()
         sts = state.sts_prefix + _sha256(creq.encode()).hexdigest()
         sig = _hmac_digest(state.key, sts.encode(), "sha256").hex().encode()
+        head_end = self._head_end
+        if app_user_agent:
+            kept = _PRINTABLE_UA.sub(b"", app_user_agent)[:512].strip()
+            if kept:
+                head_end = b"\r\nUser-Agent: %b %b\r\n\r\n" % (kept, self.user_agent)
         return b"%b%b%b%b\r\nContent-Length: %d%b" % (
             self._head_start,
             encoded_target,
             state.head_middle,
             sig,
             len(body),
-            self._head_end,
+            head_end,
         )
 
 

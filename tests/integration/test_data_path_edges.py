@@ -94,3 +94,24 @@ def test_unreachable_region_gets_retryable_error_and_daemon_survives(
         # The home region keeps serving through the stable address.
         stack.client().put_item(TableName=table, Item={"pk": {"S": "alive"}})
         assert "Item" in stack.client().get_item(TableName=table, Key={"pk": {"S": "alive"}})
+
+
+def test_the_apps_user_agent_reaches_dynamodb_with_ours_appended(
+    moto_regions: dict[str, MotoRegion], table: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """CloudTrail and AWS support see the app's SDK and version: `<app UA> ddb-sidecar/VERSION`."""
+    from tests.support.faultproxy import FaultProxy
+
+    work = tmp_path_factory.mktemp("ua")
+    regions = [moto_regions["us-east-1"], moto_regions["eu-west-1"]]
+    with FaultProxy(regions[0].port, work) as proxy:
+        with SidecarStack(regions, [table], work, endpoints={"us-east-1": proxy.url}) as stack:
+            stack.wait_regions_up()
+            app = stack.client()
+            app.meta.events.register(
+                "before-sign.dynamodb.*",
+                lambda request, **_: request.headers.__setitem__("User-Agent", "perl-app/1.2 Paws/0.44"),
+            )
+            app.get_item(TableName=table, Key={"pk": {"S": "ua"}})
+            agents = [a for a in proxy.state()["user_agents"] if a.startswith("GetItem ")]
+    assert any(a.startswith("GetItem perl-app/1.2 Paws/0.44 ddb-sidecar/") for a in agents), agents

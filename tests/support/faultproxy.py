@@ -61,7 +61,7 @@ import struct
 import sys
 import urllib.error
 import urllib.request
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +166,7 @@ class _Request:
     raw: bytes
     op: str
     keep_alive: bool
+    user_agent: str = ""
 
 
 @dataclass(eq=False)
@@ -205,7 +206,7 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
     connection = headers.get(b"connection", b"").lower()
     keep_alive = connection != b"close" and (version == b"HTTP/1.1" or connection == b"keep-alive")
     op = headers.get(b"x-amz-target", b"-").decode("latin-1").rpartition(".")[2]
-    return _Request(head + body, op, keep_alive)
+    return _Request(head + body, op, keep_alive, headers.get(b"user-agent", b"").decode("latin-1"))
 
 
 def _canned(mode: Mode, keep_alive: bool, n: int) -> bytes:
@@ -232,6 +233,7 @@ class FaultProxyServer:
     connections: Counter[str] = field(default_factory=Counter)
     requests: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     _ids: itertools.count[int] = field(default_factory=itertools.count)
+    user_agents: deque[str] = field(default_factory=lambda: deque(maxlen=100))  # the last requests' UAs
 
     # -- control
     async def set_mode(self, mode: Mode) -> None:
@@ -264,6 +266,7 @@ class FaultProxyServer:
             "open_connections": len(self.clients),
             "connections": dict(self.connections),
             "requests": {mode: dict(ops) for mode, ops in self.requests.items()},
+            "user_agents": list(self.user_agents),
         }
 
     def reset_counts(self) -> None:
@@ -317,6 +320,7 @@ class FaultProxyServer:
                 self.requests["blackhole"][req.op] += 1
                 continue
             self.requests[mode.name][req.op] += 1
+            self.user_agents.append(f"{req.op} {req.user_agent}")
             if mode.name in ("http_error", "throttle"):
                 client.writer.write(_canned(mode, req.keep_alive, next(self._ids)))
                 await client.writer.drain()
