@@ -159,6 +159,7 @@ class Daemon:
         self.watcher: FileWatcher | None = None
         self._render_lock = asyncio.Lock()
         self._confirmed_weights: dict[str, int] | None = None
+        self._health_table_alerted: dict[str, str] = {}  # region -> the problem alerted
         self.stopped = asyncio.Event()
 
     @property
@@ -462,6 +463,7 @@ class Daemon:
                 other.probe_now()
 
     def _health_changed(self, monitor: RegionMonitor, before: HealthState) -> None:
+        self._check_health_table(monitor)
         after = monitor.state
         if after.suspect and not before.suspect:
             self._region_quiet(monitor)
@@ -474,6 +476,39 @@ class Daemon:
         self.failover.poke()
         if self.fleet is not None:
             self.fleet.local_changed()
+
+    def _check_health_table(self, monitor: RegionMonitor) -> None:
+        """Alert once when the probes find the health table missing or keyed wrong in a region (and say
+        when it is fixed): the region still answers, but write failures and lag go unseen there."""
+        problem = monitor.health_table_problem
+        if problem is None:
+            if self._health_table_alerted.pop(monitor.name, None) is not None:
+                self.event("health-table-ok", f"the health table answers in {monitor.name} again")
+            return
+        if monitor.name in self._health_table_alerted:
+            return
+        self._health_table_alerted[monitor.name] = problem
+        table = self.config.health.table
+        message = (
+            f"health table {table} in {monitor.name}: {problem}; it is missing or its key is not `pk` (S), so "
+            f"the sidecar cannot see write failures or replication lag there. Create it: aws dynamodb "
+            f"create-table --region {monitor.name} --table-name {table} --attribute-definitions "
+            "AttributeName=pk,AttributeType=S --key-schema AttributeName=pk,KeyType=HASH "
+            "--billing-mode PAY_PER_REQUEST (and replicate it like the app's tables)"
+        )
+        logger.error("ALERT health-table: %s", message)
+        self.failover.alerts_total["health-table"] = self.failover.alerts_total.get("health-table", 0) + 1
+        self.event("alert", message, alert="health-table", region=monitor.name)
+        self.notifier.notify(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "kind": "alert",
+                "alert": "health-table",
+                "reason": message,
+                "region": monitor.name,
+                "active_region": self.failover.active_or_none,
+            }
+        )
 
     def _weights_observed(self, observed: dict[str, int] | None) -> None:
         """A read-back of HAProxy's weights. It is a drift only when HAProxy had confirmed the current desired
@@ -669,6 +704,7 @@ class Daemon:
                     "errors": runtime.stats.errors(),
                     "in_flight": runtime.stats.in_flight,
                     "upstream_connections": runtime.pool.size,
+                    "health_table_problem": monitor.health_table_problem if monitor is not None else None,
                     **_last_error(runtime.pool, monitor.pool if monitor is not None else None),
                 }
             )

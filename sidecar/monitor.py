@@ -48,6 +48,9 @@ from sidecar.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
+# What DynamoDB answers a probe when the health table is missing or has another key than `pk` (S).
+HEALTH_TABLE_ERRORS = frozenset({"ResourceNotFoundException", "ValidationException"})
+
 READ_TARGET = "DynamoDB_20120810.GetItem"
 WRITE_TARGET = "DynamoDB_20120810.PutItem"
 MAX_OUTSTANDING = 4  # overlapping probes per region at most
@@ -81,6 +84,7 @@ class RegionMonitor:
         self.pool = pool
         self._config = config
         self._on_change = on_change
+        self.health_table_problem: str | None = None  # the probes' last word on the health table itself
         self._on_quiet = on_quiet
         self.answer_rate = 0.0  # answers per second from app traffic, a ~1 s moving average
         self._answers_seen = 0
@@ -313,12 +317,14 @@ class RegionMonitor:
                 self._last_probe_answered = time.monotonic()
                 self._probe_latencies.append(latency)
                 self.probe_latency = latency
-                outcome = classify_response(
-                    response.status,
-                    error_code(response.status, response.body),
-                    latency,
-                    self._config().health.slow,
-                )
+                code = error_code(response.status, response.body)
+                outcome = classify_response(response.status, code, latency, self._config().health.slow)
+                # The health table itself missing or keyed wrong: the region answers, so it stays up, but
+                # the probes see neither write failures nor lag: say so (the daemon alerts).
+                if code in HEALTH_TABLE_ERRORS:
+                    self.health_table_problem = f"HTTP {response.status} {code}"
+                elif response.status < 400:
+                    self.health_table_problem = None
             self.observe(outcome, source, write=write)
 
         self.pool.send(head + body, reply, idempotent=not write)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -393,3 +394,37 @@ def test_delay_shows_in_upstream_latency(
     assert proxy.requests("delay") == 2
     assert home_status(stack)["state"] == "up"
     assert moto_item(moto_regions, table, pk) == key(pk)
+
+
+def test_a_missing_health_table_is_an_alert_that_says_how_to_fix_it(
+    moto_regions: dict[str, MotoRegion], tmp_path: Path
+) -> None:
+    """The probes answer 4xx when the health table is missing: the region stays up (it answers), but the
+    sidecar would be blind to write failures and lag there; it says so, with the command that fixes it."""
+    app = new_app_table(moto_regions.values(), "hts")
+    health = f"hts-health-{uuid.uuid4().hex[:8]}"
+    moto_regions["us-east-1"].create_table(health)  # eu-west-1 lacks it
+    stack = SidecarStack(
+        [moto_regions["us-east-1"], moto_regions["eu-west-1"]],
+        [app],
+        tmp_path,
+        extra={"health": {**DEFAULT_TEST_HEALTH, "table": health}, "replication": {"mode": "none"}},
+    )
+    with stack:
+
+        def alerted() -> dict[str, Any] | None:
+            events = stack.status()["events"]
+            return next((e for e in events if e.get("alert") == "health-table"), None)
+
+        alert = wait_until(alerted, 15, message="a health-table alert")
+        assert (
+            "eu-west-1" in alert["reason"]
+            and "aws dynamodb create-table --region eu-west-1" in alert["reason"]
+        )
+        region = next(r for r in stack.status()["regions"] if r["name"] == "eu-west-1")
+        assert "ResourceNotFoundException" in (region["health_table_problem"] or "")
+        assert 'ddb_sidecar_alerts_total{kind="health-table"} 1.0' in stack.metrics()
+        moto_regions["eu-west-1"].create_table(health)
+        wait_until(
+            lambda: any(e["kind"] == "health-table-ok" for e in stack.status()["events"]), 15, message="fixed"
+        )
