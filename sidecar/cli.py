@@ -70,15 +70,22 @@ def validate(config_path: Path) -> None:
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: haproxy.config."
 )
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the file differs from the rendering.")
-def render(config_path: Path, output: Path | None, check: bool) -> None:
+@click.option("--stdout", "to_stdout", is_flag=True, help="Validate and print the rendering; write nothing.")
+def render(config_path: Path, output: Path | None, check: bool, to_stdout: bool) -> None:
     """Render haproxy.cfg from the template, validate it with `haproxy -c`, write it atomically."""
     from sidecar.engine import active_weights
-    from sidecar.haproxy.binary import HAProxyNotFound, find_haproxy
-    from sidecar.haproxy.render import RenderError, render_to_file
+    from sidecar.haproxy.binary import HAProxyNotFound, binary_features, find_haproxy
+    from sidecar.haproxy.render import RenderError, render_to_file, validate
+    from sidecar.haproxy.render import render as render_text
 
     config = _load(config_path, check_environment=False)
     try:
         binary = find_haproxy(config.haproxy.binary)
+        if to_stdout:  # for pipelines that diff: the same checks, nothing written
+            text = render_text(config, active_weights(config), binary_features(binary))
+            validate(text, binary)
+            click.echo(text, nl=False)
+            return
         result = render_to_file(
             config, out=output, weights=active_weights(config), check=check, binary=binary
         )

@@ -222,6 +222,8 @@ class HAProxy(_Model):
     timeout_server: Duration = 30.0
     timeout_connect: Duration = 2.0
     timeout_http_request: Duration = 10.0
+    # A free mapping for an operator's template, as `vars` (no control characters; whitespace allowed).
+    vars: dict[str, Any] = {}
 
     @field_validator("backend")
     @classmethod

@@ -107,9 +107,11 @@ class _TemplateSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         return bool(super().is_safe_attribute(obj, attr, value))
 
 
-def _environment(folder: Path) -> jinja2.Environment:
+def _environment(folder: Path, builtin: Path) -> jinja2.Environment:
+    # The template's own folder first, then the built-in one: `{% extends "haproxy.cfg.j2" %}` finds ours
+    # (unless the operator's template has that very name, then it is theirs).
     env = _TemplateSandbox(
-        loader=jinja2.FileSystemLoader(str(folder)),
+        loader=jinja2.FileSystemLoader([str(folder), str(builtin)]),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
@@ -142,10 +144,11 @@ def render(
         ],
         "weights": per_server,
         "prometheus_exporter": "prometheus-exporter" in features,
+        "vars": dict(config.haproxy.vars),
     }
     try:
-        template = _environment(path.parent).get_template(path.name)
-        return template.render(context)
+        template = _environment(path.parent, builtin_template_path().parent).get_template(path.name)
+        text = template.render(context)
     except jinja2.TemplateSyntaxError as exc:
         raise RenderError(
             f"{exc.filename or path}:{exc.lineno}: template syntax error: {exc.message}"
@@ -159,6 +162,80 @@ def render(
         ) from None
     except (jinja2.UndefinedError, jinja2.TemplateError, ValueError, TypeError) as exc:
         raise RenderError(f"{path}: cannot render: {exc}") from exc
+    problems = contract_problems(config, text)
+    if problems:
+        raise RenderError(
+            f"template {path} renders a haproxy.cfg the sidecar cannot drive (nothing written):\n  "
+            + "\n  ".join(problems)
+        )
+    return text
+
+
+def _sections(text: str) -> list[tuple[str, int, list[tuple[int, str]]]]:
+    """(section header, its line number, its lines with numbers), comments and blank lines left out."""
+    out: list[tuple[str, int, list[tuple[int, str]]]] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if not line.strip():
+            continue
+        if not line[0].isspace():
+            out.append((line.strip(), n, []))
+        elif out:
+            out[-1][2].append((n, line.strip()))
+    return out
+
+
+def contract_problems(config: Config, text: str) -> list[str]:
+    """What the sidecar needs of any haproxy.cfg, each problem with the line to fix (haproxy/README.md):
+    the backend `haproxy.backend` with exactly one server per region at its listener address, checked with
+    GET /ddb-sidecar/health; the runtime socket at `haproxy.runtime_socket` with level admin; a frontend
+    bound on `listen`."""
+    problems: list[str] = []
+    sections = _sections(text)
+    backend = f"backend {config.haproxy.backend}"
+    found = [s for s in sections if s[0] == backend]
+    if not found:
+        problems.append(f"no `{backend}` section: the sidecar sets weights on that backend's servers")
+    else:
+        _, at, lines = found[0]
+        servers = {}
+        for n, line in lines:
+            words = line.split()
+            if words[0] == "server" and len(words) >= 3:
+                if words[1] in servers:
+                    problems.append(f"line {n}: a second server {words[1]} in `{backend}`")
+                servers[words[1]] = (n, words[2])
+        for region in config.regions:
+            want = str(region.proxy)
+            if region.name not in servers:
+                problems.append(
+                    f"line {at}: `{backend}` has no `server {region.name} {want} ...`; one server per region, "
+                    "named after it"
+                )
+            elif servers[region.name][1] != want:
+                n, got = servers[region.name]
+                problems.append(f"line {n}: server {region.name} points at {got}; its listener is {want}")
+        for extra in sorted(set(servers) - {r.name for r in config.regions}):
+            problems.append(f"line {servers[extra][0]}: server {extra} is not a configured region")
+        if not any("/ddb-sidecar/health" in line for _, line in lines):
+            problems.append(
+                f"line {at}: `{backend}` does not check GET /ddb-sidecar/health (http-check send meth GET uri "
+                "/ddb-sidecar/health): HAProxy would not see a region the sidecar finds down"
+            )
+    runtime = str(config.haproxy.runtime_socket)
+    sockets = [
+        (n, line) for name, _, lines in sections if name == "global" for n, line in lines
+        if line.startswith("stats socket ")
+    ]  # fmt: skip
+    if not any(line.split()[2:3] == [runtime] and "level admin" in line for _, line in sockets):
+        problems.append(
+            f"global: no `stats socket {runtime} ... level admin`: the sidecar sets weights through it"
+        )
+    listen = str(config.listen)
+    binds = [line for name, _, lines in sections if name.startswith("frontend ") for _, line in lines]
+    if not any(line.startswith("bind ") and line.split()[1] == listen for line in binds):
+        problems.append(f"no frontend binds {listen} (`listen`): the app's stable address")
+    return problems
 
 
 def check_config(text: str, binary: str, timeout: float = CHECK_TIMEOUT) -> str:
