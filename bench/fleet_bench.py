@@ -45,7 +45,7 @@ from sidecar.fleet.localetcd import LocalEtcdCluster, etcd_version
 from tests.support.fleet import HOSTS, Fleet
 from tests.support.globaltables import GlobalTables
 from tests.support.moto_region import MotoRegion, start_regions
-from tests.support.stack import HEALTH_TABLE, new_app_table
+from tests.support.stack import HEALTH_TABLE, new_app_table, stream_tables
 from tests.support.traffic import Writers
 
 HOME, OTHER = "us-east-1", "eu-west-1"
@@ -163,11 +163,7 @@ DELAY_S = 0.3
 
 
 def switchover(moto: dict[str, MotoRegion], etcd: LocalEtcdCluster, work: Path) -> dict[str, Any]:
-    suffix = uuid.uuid4().hex[:8]
-    app, health = f"benchfleet-so-{suffix}", f"benchfleet-so-health-{suffix}"
-    for region in moto.values():
-        region.create_table(app, stream=True)
-        region.create_table(health, stream=True)
+    app, health = stream_tables(moto.values(), "benchfleet-so")
     result: dict[str, Any] = {}
     with GlobalTables(moto[HOME], moto[OTHER], [app, health], work, {**moto[HOME].env()}, delay=DELAY_S):
         fleet = Fleet(moto, app, etcd.endpoints, work, lease_ttl=LEASE_TTL, health={"table": health}).start()

@@ -139,8 +139,8 @@ async def run_switchover(daemon: SwitchoverContext, to: str, *, failback: bool =
         )
 
 
-def _refusal(daemon: SwitchoverContext, to: str) -> str | None:
-    cfg = daemon.config
+def config_refusal(cfg: Config, to: str) -> str | None:
+    """Why `to` cannot be switched to whatever its health (a lone host and a fleet alike)."""
     names = [r.name for r in cfg.regions]
     if to not in names:
         return f"refused switchover to {to}: no such region (configured: {', '.join(names)})"
@@ -149,6 +149,13 @@ def _refusal(daemon: SwitchoverContext, to: str) -> str | None:
             "refused switchover: replication.mode is none, so there is no replication to wait for; "
             f"`ddb-sidecar failover --to {to}` moves at once"
         )
+    return None
+
+
+def _refusal(daemon: SwitchoverContext, to: str) -> str | None:
+    refused = config_refusal(daemon.config, to)
+    if refused is not None:
+        return refused
     monitor = daemon.monitors[to]
     if monitor.state.state != "up" or monitor.state.cause is not None:
         return (

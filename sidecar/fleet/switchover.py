@@ -34,6 +34,7 @@ from sidecar.core.controller import Switchover
 from sidecar.fleet.records import read_json
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.region import RegionRuntime
+from sidecar.switchover import config_refusal
 
 if TYPE_CHECKING:
     from sidecar.fleet.member import FleetMember
@@ -173,15 +174,9 @@ class FenceAcks:
 
 
 def refusal(member: FleetMember, to: str) -> str | None:
-    cfg = member.config
-    names = [r.name for r in cfg.regions]
-    if to not in names:
-        return f"refused switchover to {to}: no such region (configured: {', '.join(names)})"
-    if cfg.replication.mode == "none":
-        return (
-            "refused switchover: replication.mode is none, so there is no replication to wait for; "
-            f"`ddb-sidecar failover --to {to}` moves at once"
-        )
+    refused = config_refusal(member.config, to)
+    if refused is not None:
+        return refused
     tally = member.vote().tallies.get(to)
     if tally is None or tally.up * 2 <= tally.voters:
         seen = f"{tally.up} of {tally.voters} members see it up" if tally is not None else "no member sees it"

@@ -11,39 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from tests.support.moto_region import MotoRegion
-from tests.support.ports import free_port
-from tests.support.stack import SIDECAR, SidecarStack, base_env, new_app_table, raw_post
+from tests.support.stack import SIDECAR, SidecarStack, base_env, new_app_table, offline_config, raw_post
 
 APP_KEY = "AKIAAPPCLIENT0000002"
 APP_SECRET = "app-client-secret-value-2"
 AWS_SECRET = "do-not-render-this-aws-secret"
-
-
-def config_file(tmp_path: Path, **extra: Any) -> Path:
-    data: dict[str, Any] = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "regions": [
-            {"name": "us-east-1", "proxy": f"127.0.0.1:{free_port()}"},
-            {"name": "eu-west-1", "proxy": f"127.0.0.1:{free_port()}"},
-        ],
-        "tables": ["orders"],
-        "state_dir": str(tmp_path / "state"),
-        "haproxy": {"config": str(tmp_path / "haproxy.cfg"), "runtime_socket": str(tmp_path / "rt.sock")},
-    }
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -68,7 +45,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_values_with_newlines_or_whitespace_never_reach_haproxy_cfg(
     tmp_path: Path, change: dict[str, Any], path: str
 ) -> None:
-    config = config_file(tmp_path, **change)
+    config = offline_config(tmp_path, **change)
     done = cli("validate", "-c", str(config))
     assert done.returncode != 0, done.stdout
     assert f"{path}: contains" in done.stderr, done.stderr
@@ -82,7 +59,7 @@ def test_a_template_cannot_reach_the_environment(tmp_path: Path) -> None:
     template.write_text(
         "global\n# {{ config.region.__func__.__globals__['os'].environ['AWS_SECRET_ACCESS_KEY'] }}\n"
     )
-    config = config_file(tmp_path, haproxy={"template": str(template)})
+    config = offline_config(tmp_path, haproxy={"template": str(template)})
     done = cli("render", "-c", str(config), env={**base_env(), "AWS_SECRET_ACCESS_KEY": AWS_SECRET})
     assert done.returncode != 0
     assert "not allowed in a template" in done.stderr, done.stderr

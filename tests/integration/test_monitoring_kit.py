@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from botocore.exceptions import ClientError
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from sidecar.haproxy.binary import find_haproxy
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import SIDECAR, SidecarStack
+from tests.support.stack import SIDECAR, SidecarStack, stream_tables
 from tests.support.wait import wait_until
 
 KIT = Path(__file__).resolve().parents[2] / "examples" / "monitoring"
@@ -68,11 +67,7 @@ def metrics(
     moto_regions: dict[str, MotoRegion], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, set[str]]]:
     work = tmp_path_factory.mktemp("monitoring")
-    suffix = uuid.uuid4().hex[:8]
-    app, health = f"mon-app-{suffix}", f"mon-health-{suffix}"
-    for region in moto_regions.values():
-        region.create_table(app, stream=True)
-        region.create_table(health, stream=True)
+    app, health = stream_tables(moto_regions.values(), "mon")
     with LocalEtcdCluster(1, work / "etcd") as etcd:
         stack = SidecarStack(
             [moto_regions["us-east-1"], moto_regions["eu-west-1"]],
@@ -81,7 +76,7 @@ def metrics(
             extra={
                 "health": {"table": health},
                 "replication": {"mode": "streams"},
-                "coordination": {"backend": "etcd", "endpoints": etcd.endpoints, "prefix": f"/mon-{suffix}"},
+                "coordination": {"backend": "etcd", "endpoints": etcd.endpoints, "prefix": f"/{app}"},
             },
         )
         with stack:

@@ -15,7 +15,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import SIDECAR, SidecarStack
+from tests.support.stack import SIDECAR, SidecarStack, stream_tables
 from tests.support.wait import wait_until
 
 HOME, OTHER = "us-east-1", "eu-west-1"
@@ -27,11 +27,7 @@ MOTO_MAX_V_FOR_ONE_CHAR_KEY = 404996
 def test_a_write_the_replica_refuses_is_a_dead_letter_and_replication_goes_on(
     moto_regions: dict[str, MotoRegion], tmp_path: Path
 ) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    app, health = f"dl-app-{suffix}", f"dl-health-{suffix}"
-    for region in moto_regions.values():
-        region.create_table(app, stream=True)
-        region.create_table(health, stream=True)
+    app, health = stream_tables(moto_regions.values(), "dl")
     stack = SidecarStack(
         [moto_regions[HOME], moto_regions[OTHER]],
         [app],
@@ -41,12 +37,12 @@ def test_a_write_the_replica_refuses_is_a_dead_letter_and_replication_goes_on(
     with stack:
         stack.wait_regions_up()
         client = stack.client()
-        big_key = f"big-{suffix}"
+        big_key = f"big-{app[-8:]}"
         size = MOTO_MAX_V_FOR_ONE_CHAR_KEY - (len(big_key) - 1)
         client.put_item(
             TableName=app, Item={"pk": {"S": big_key}, "v": {"S": "x" * size}}
         )  # the source takes it
-        after = f"after-{suffix}"
+        after = f"after-{app[-8:]}"
         client.put_item(TableName=app, Item={"pk": {"S": after}, "v": {"S": "small"}})
 
         def replicated() -> bool:

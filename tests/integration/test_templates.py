@@ -9,31 +9,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.support.ports import free_port
-from tests.support.stack import SIDECAR, base_env
+from tests.support.stack import SIDECAR, base_env, offline_config
 
 
 def config(tmp_path: Path, template: Path | None = None, **haproxy: Any) -> Path:
-    data: dict[str, Any] = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "regions": [
-            {"name": "us-east-1", "proxy": f"127.0.0.1:{free_port()}"},
-            {"name": "eu-west-1", "proxy": f"127.0.0.1:{free_port()}"},
-        ],
-        "tables": ["orders"],
-        "state_dir": str(tmp_path / "state"),
-        "haproxy": {
-            "config": str(tmp_path / "haproxy.cfg"),
-            "runtime_socket": str(tmp_path / "rt.sock"),
-            **({"template": str(template)} if template else {}),
-            **haproxy,
-        },
-    }
-    path = tmp_path / "sidecar.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return offline_config(tmp_path, haproxy={**({"template": str(template)} if template else {}), **haproxy})
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -284,3 +284,36 @@ def raw_post(
     except urllib.error.HTTPError as err:
         with err:
             return err.code, err.headers, err.read()
+
+
+def offline_config(tmp_path: Path, **extra: Any) -> Path:
+    """A sidecar.yaml for the CLI alone (render, validate): free loopback ports, files under `tmp_path`;
+    `extra` replaces top-level keys, or is merged into a section given as a mapping."""
+    data: dict[str, Any] = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "regions": [
+            {"name": "us-east-1", "proxy": f"127.0.0.1:{free_port()}"},
+            {"name": "eu-west-1", "proxy": f"127.0.0.1:{free_port()}"},
+        ],
+        "tables": ["orders"],
+        "state_dir": str(tmp_path / "state"),
+        "haproxy": {"config": str(tmp_path / "haproxy.cfg"), "runtime_socket": str(tmp_path / "rt.sock")},
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stream_tables(regions: Iterable[MotoRegion], prefix: str) -> tuple[str, str]:
+    """A fresh app table and health table, with streams (replication reads them), in every region."""
+    suffix = uuid.uuid4().hex[:8]
+    app, health = f"{prefix}-app-{suffix}", f"{prefix}-health-{suffix}"
+    for region in regions:
+        region.create_table(app, stream=True)
+        region.create_table(health, stream=True)
+    return app, health

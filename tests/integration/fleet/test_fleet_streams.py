@@ -12,7 +12,6 @@ import contextlib
 import signal
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from tests.support.fleet import HOSTS, Fleet
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import DEFAULT_TEST_HEALTH
+from tests.support.stack import DEFAULT_TEST_HEALTH, stream_tables
 from tests.support.traffic import Writers
 from tests.support.wait import wait_until
 
@@ -31,11 +30,7 @@ HOME, OTHER = "us-east-1", "eu-west-1"
 
 @pytest.fixture
 def fleet(moto_regions: dict[str, MotoRegion], etcd: LocalEtcdCluster, tmp_path: Path) -> Iterator[Fleet]:
-    suffix = uuid.uuid4().hex[:8]
-    app, health = f"fst-app-{suffix}", f"fst-health-{suffix}"
-    for region in moto_regions.values():
-        region.create_table(app, stream=True)
-        region.create_table(health, stream=True)
+    app, health = stream_tables(moto_regions.values(), "fst")
     f = Fleet(
         moto_regions,
         app,

@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sidecar.fleet.localetcd import LocalEtcdCluster
 from tests.support.fleet import HOSTS, Fleet
 from tests.support.globaltables import GlobalTables
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import DEFAULT_TEST_HEALTH
+from tests.support.stack import DEFAULT_TEST_HEALTH, stream_tables
 from tests.support.traffic import Writers
 from tests.support.wait import wait_until
 
@@ -41,11 +40,7 @@ def replicated_fleet(
     **failover: str,
 ) -> Iterator[Fleet]:
     """A fleet whose app and health tables replicate one way, from `source` to the other region."""
-    suffix = uuid.uuid4().hex[:8]
-    app, health = f"fso-app-{suffix}", f"fso-health-{suffix}"
-    for region in moto_regions.values():
-        region.create_table(app, stream=True)
-        region.create_table(health, stream=True)
+    app, health = stream_tables(moto_regions.values(), "fso")
     src, dst = moto_regions[source], next(r for n, r in moto_regions.items() if n != source)
     with GlobalTables(src, dst, [app, health], tmp_path, {**src.env()}, delay=DELAY):
         f = Fleet(
