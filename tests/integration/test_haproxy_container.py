@@ -36,13 +36,16 @@ def test_it_waits_for_the_rendering_then_runs_master_worker(tmp_path: Path) -> N
     try:
         writer = threading.Timer(1.0, lambda: (tmp_path / "haproxy.cfg").write_text(config))
         writer.start()
-        wait_until(lambda: (tmp_path / "master.sock").exists(), 20, message="the master socket")
+
+        def show_proc() -> bytes:
+            with socket.socket(socket.AF_UNIX) as master:
+                master.settimeout(5)
+                master.connect(str(tmp_path / "master.sock"))  # the file appears just before it listens
+                master.sendall(b"show proc\n")
+                return master.recv(65536)
+
+        assert b"master" in wait_until(show_proc, 20, message="the master CLI answers", ignore=(OSError,))
         assert oct((tmp_path / "master.sock").stat().st_mode & 0o777) == oct(0o600)
-        with socket.socket(socket.AF_UNIX) as master:
-            master.settimeout(5)
-            master.connect(str(tmp_path / "master.sock"))
-            master.sendall(b"show proc\n")
-            assert b"master" in master.recv(65536)
         wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() or True, 10,
                    message="HAProxy serving", ignore=(OSError,))  # fmt: skip
     finally:
