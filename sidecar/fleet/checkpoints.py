@@ -19,7 +19,7 @@ import orjson
 from sidecar.replication.checkpoint import CheckpointState
 
 if TYPE_CHECKING:
-    from sidecar.fleet.member import FleetMember
+    from sidecar.fleet.context import FleetContext
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class EtcdCheckpoints:
     """One pipeline's checkpoints. Like the file store, called from the replicator's worker threads: each
     call runs on the event loop (where the etcd client lives) and the thread waits for it."""
 
-    def __init__(self, member: FleetMember, loop: asyncio.AbstractEventLoop, name: str) -> None:
+    def __init__(self, member: FleetContext, loop: asyncio.AbstractEventLoop, name: str) -> None:
         self.member = member
         self.loop = loop
         self.name = name
@@ -65,6 +65,6 @@ class EtcdCheckpoints:
             )
 
 
-def etcd_checkpoints(member: FleetMember) -> Callable[[str, str, str], EtcdCheckpoints]:
+def etcd_checkpoints(member: FleetContext) -> Callable[[str, str, str], EtcdCheckpoints]:
     loop = asyncio.get_running_loop()
     return lambda source, target, table: EtcdCheckpoints(member, loop, f"{source}--{target}--{table}")

@@ -21,7 +21,7 @@ from sidecar.fleet.records import intent_from_json, intent_to_json, read_json
 from sidecar.fleet.switchover import run_fleet_switchover
 
 if TYPE_CHECKING:
-    from sidecar.fleet.member import FleetMember
+    from sidecar.fleet.context import FleetContext
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class FleetUnavailable(Exception):
 
 
 class Commands:
-    def __init__(self, member: FleetMember) -> None:
+    def __init__(self, member: FleetContext) -> None:
         self.member = member
         self._results: dict[str, asyncio.Future[dict[str, Any]]] = {}
 

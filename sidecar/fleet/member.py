@@ -45,10 +45,11 @@ from sidecar.core.controller import (
 )
 from sidecar.core.vote import FleetVote, MemberView, fingerprint, isolated, serves, vote, with_lag
 from sidecar.failover import Failover
+from sidecar.fleet.acks import FenceAcks
 from sidecar.fleet.commands import Commands
 from sidecar.fleet.etcd import Compare, EtcdClient, EtcdError, KeyValue, LeaseExpired, Op, WatchEvent
 from sidecar.fleet.records import read_json, view_from_json, view_to_json
-from sidecar.fleet.switchover import FenceAcks, MemberFence, run_fleet_switchover
+from sidecar.fleet.switchover import MemberFence, run_fleet_switchover
 from sidecar.monitor import RegionMonitor
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.region import RegionRuntime

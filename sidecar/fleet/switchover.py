@@ -31,13 +31,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sidecar.core.controller import Switchover
-from sidecar.fleet.records import read_json
 from sidecar.proxy.fence import WriteFence
 from sidecar.proxy.region import RegionRuntime
 from sidecar.switchover import config_refusal
 
 if TYPE_CHECKING:
-    from sidecar.fleet.member import FleetMember
+    from sidecar.fleet.context import FleetContext
 
 logger = logging.getLogger(__name__)
 
@@ -136,44 +135,7 @@ class MemberFence:
             self._open("the sidecar is stopping")
 
 
-class FenceAcks:
-    """The members' acknowledgements of fleet switchovers, as the watch delivers P/fence-acks/ID/HOST."""
-
-    def __init__(self) -> None:
-        self._acks: dict[str, dict[str, dict[str, Any]]] = {}
-        self._changed = asyncio.Event()
-
-    def seen(self, rest: str, raw: bytes | None) -> None:
-        """`rest`: ID/HOST; `raw`: the record (None: deleted)."""
-        ident, _, host = rest.partition("/")
-        if raw is None:
-            self._acks.get(ident, {}).pop(host, None)
-            return
-        data = read_json(raw)
-        if data is not None and host:
-            self._acks.setdefault(ident, {})[host] = data
-            self._changed.set()
-
-    async def wait(
-        self, ident: str, hosts: list[str], field: str, deadline: float
-    ) -> dict[str, dict[str, Any]]:
-        """The acknowledgements with `field` set, once every one of `hosts` has given it or at `deadline`
-        (loop time). A member that left meanwhile (its lease expired: frozen, or cut off from etcd) is still
-        waited for: it may wake up and send writes, so its silence aborts the switchover."""
-        loop = asyncio.get_running_loop()
-        while True:
-            got = {h: a for h, a in self._acks.get(ident, {}).items() if a.get(field)}
-            if all(h in got for h in hosts) or loop.time() >= deadline:
-                return got
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
-
-    def forget(self, ident: str) -> None:
-        self._acks.pop(ident, None)
-
-
-def refusal(member: FleetMember, to: str) -> str | None:
+def refusal(member: FleetContext, to: str) -> str | None:
     refused = config_refusal(member.config, to)
     if refused is not None:
         return refused
@@ -187,7 +149,7 @@ def refusal(member: FleetMember, to: str) -> str | None:
     return None
 
 
-async def run_fleet_switchover(member: FleetMember, to: str, *, failback: bool = False) -> dict[str, Any]:
+async def run_fleet_switchover(member: FleetContext, to: str, *, failback: bool = False) -> dict[str, Any]:
     """The leader's side. Returns the command's result (ok, reason, epoch, per-host pauses)."""
     controller = member.controller
     if controller is None:
@@ -207,7 +169,7 @@ async def run_fleet_switchover(member: FleetMember, to: str, *, failback: bool =
 
 
 async def _fenced_flip(
-    member: FleetMember, old: str, to: str, failback: bool, base: dict[str, Any]
+    member: FleetContext, old: str, to: str, failback: bool, base: dict[str, Any]
 ) -> dict[str, Any]:
     cfg = member.config
     loop = asyncio.get_running_loop()

@@ -2,7 +2,7 @@
 
 Two sources, by `replication.mode`: heartbeats (`sidecar.heartbeat`, Global Tables replicating them), or the
 sidecar's own stream replicator (`streams`). In a fleet, one figure for everyone: the leader measures, the
-others report what it published (`FleetMember.leader_lag_ms`); in streams mode only the leader replicates,
+others report what it published (`FleetContext.leader_lag_ms`); in streams mode only the leader replicates,
 its checkpoints in etcd (`sidecar.fleet.checkpoints`), so leadership starts and stops the replicator here.
 """
 
@@ -23,7 +23,7 @@ from sidecar.replication.clients import CredentialsLike
 from sidecar.replication.streams import StreamReplicator
 
 if TYPE_CHECKING:
-    from sidecar.fleet.member import FleetMember
+    from sidecar.fleet.context import FleetContext
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Replication:
         self._record = record
         self._notify = notify
         self.replicator: StreamReplicator | None = None
-        self.fleet: FleetMember | None = None
+        self.fleet: FleetContext | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -80,7 +80,7 @@ class Replication:
             )
 
     # -- lifecycle
-    async def start(self, fleet: FleetMember | None) -> None:
+    async def start(self, fleet: FleetContext | None) -> None:
         """A lone sidecar in streams mode replicates at once; a fleet member only once it leads."""
         self.fleet = fleet
         active = self._active()
