@@ -111,7 +111,9 @@ def _reserved_attribute(operation: str, body: dict[str, Any]) -> str | None:
             e.get("Statement") for key in ("Statements", "TransactStatements") for e in body.get(key) or ()
             if isinstance(e, dict)
         ]  # fmt: skip
-        if any(isinstance(st, str) and RESERVED in st for st in statements):
+        # An attribute named with a `:` is a double-quoted identifier in PartiQL; a string literal
+        # ('ddbsc:...') is data and stays allowed.
+        if any(isinstance(st, str) and f'"{RESERVED}' in st for st in statements):
             return (
                 f"{operation}: the statement names an attribute in the {RESERVED} namespace, reserved for "
                 "ddb-sidecar's replication bookkeeping; rename the attribute"

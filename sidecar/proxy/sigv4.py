@@ -181,6 +181,8 @@ class DynamoDBRequestSigner:
             f"POST / HTTP/1.1\r\nHost: {host}\r\nContent-Type: {JSON_CONTENT_TYPE}\r\nX-Amz-Target: "
         ).encode("ascii")
         self._head_end = f"\r\nUser-Agent: {user_agent}\r\n\r\n".encode("ascii")
+        self._last_app_ua: bytes | None = None
+        self._last_ua_end = self._head_end
         self._targets: dict[str, bytes] = {}
         self._state_sec = -1
         self._state_creds: Credentials | None = None
@@ -251,9 +253,14 @@ class DynamoDBRequestSigner:
         sig = _hmac_digest(state.key, sts.encode(), "sha256").hex().encode()
         head_end = self._head_end
         if app_user_agent:
-            kept = _PRINTABLE_UA.sub(b"", app_user_agent)[:512].strip()
-            if kept:
-                head_end = b"\r\nUser-Agent: %b %b\r\n\r\n" % (kept, self.user_agent)
+            # An app sends the same User-Agent on every request: sanitize it once, not per request.
+            if app_user_agent != self._last_app_ua:
+                kept = _PRINTABLE_UA.sub(b"", app_user_agent)[:512].strip()
+                self._last_app_ua = app_user_agent
+                self._last_ua_end = (
+                    b"\r\nUser-Agent: %b %b\r\n\r\n" % (kept, self.user_agent) if kept else self._head_end
+                )
+            head_end = self._last_ua_end
         return b"%b%b%b%b\r\nContent-Length: %d%b" % (
             self._head_start,
             encoded_target,

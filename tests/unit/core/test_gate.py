@@ -487,3 +487,11 @@ def test_request_shaped_json_never_raises_and_admits_only_allowed_tables(
 def test_arbitrary_bytes_after_a_valid_prefix(tail: bytes) -> None:
     result = admit(OPEN, target("GetItem"), b'{"TableName":"orders"' + tail)
     assert isinstance(result, Admitted | DynamoError)
+
+
+def test_the_replicators_attribute_namespace_is_refused_in_partiql_identifiers_not_literals() -> None:
+    target_ = target("ExecuteStatement")
+    named = body({"Statement": 'UPDATE "orders" SET "ddbsc:ts" = 1 WHERE pk = \'a\''})
+    assert isinstance(admit(POLICY, target_, named), DynamoError)
+    literal = body({"Statement": "UPDATE \"orders\" SET note = 'ddbsc:x' WHERE pk = 'a'"})
+    assert not isinstance(admit(POLICY, target_, literal), DynamoError)

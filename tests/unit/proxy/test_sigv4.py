@@ -834,3 +834,20 @@ def test_verifier_rejects_any_change_to_a_signed_request(index: int, value: str,
         assert failure is None
     else:
         _assert_discreet(failure)
+
+
+def test_the_apps_user_agent_is_kept_sanitized_and_each_change_is_seen() -> None:
+    signer = DynamoDBRequestSigner(
+        "us-east-1", "dynamodb.us-east-1.amazonaws.com", user_agent="ddb-sidecar/1"
+    )
+    creds = Credentials("AKIDEXAMPLE", "secret")
+
+    def ua(app: bytes | None) -> bytes:
+        head = signer.request_head(creds, "DynamoDB_20120810.GetItem", b"{}", 1_700_000_000, app)
+        return next(line for line in head.split(b"\r\n") if line.startswith(b"User-Agent: "))
+
+    assert ua(None) == b"User-Agent: ddb-sidecar/1"
+    assert ua(b"Paws/0.44\x01\x7f") == b"User-Agent: Paws/0.44 ddb-sidecar/1"  # control bytes dropped
+    assert ua(b"Paws/0.44\x01\x7f") == b"User-Agent: Paws/0.44 ddb-sidecar/1"  # the cached answer
+    assert ua(b"boto3/1.35") == b"User-Agent: boto3/1.35 ddb-sidecar/1"  # another app's, not the cached one
+    assert ua(b"\x01\x02") == b"User-Agent: ddb-sidecar/1"
