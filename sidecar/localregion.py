@@ -9,9 +9,9 @@ moto is a development dependency (`pip install ddb-sidecar[dev]`); nothing in th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,14 +33,13 @@ class Key(NamedTuple):
     secret_access_key: str
 
 
-def moto_server_binary() -> str:
-    beside = Path(sys.executable).parent / "moto_server"
-    found = str(beside) if beside.exists() else shutil.which("moto_server")
-    if not found:
+def moto_server_command() -> list[str]:
+    """`moto_server` with DynamoDB's transactions made atomic (see sidecar.motoserver), in this Python."""
+    if importlib.util.find_spec("moto") is None:
         raise RuntimeError(
             "moto_server not found: install the demo extras (`pip install 'ddb-sidecar[dev]'`)"
         )
-    return found
+    return [sys.executable, "-m", "sidecar.motoserver"]
 
 
 def bootstrap_iam(endpoint: str, region: str, seed: int = DEFAULT_SEED, user: str = IAM_USER) -> Key:
@@ -89,7 +88,7 @@ class LocalRegion:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [moto_server_binary(), "-H", "127.0.0.1", "-p", str(self.port)],
+                [*moto_server_command(), "-H", "127.0.0.1", "-p", str(self.port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -7,6 +7,8 @@ region"): which region a request is served from, and what a bad or missing signa
 from __future__ import annotations
 
 import http.client
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -131,3 +133,69 @@ def test_host_header_wins_over_credential_scope(
     status, data = raw_call(b, "GetItem", body, host=f"dynamodb.{B}.amazonaws.com", sign_for=B)
     assert status == 200, data
     assert b'"where": {"S": "eu-west-1"}' in data
+
+
+def test_a_cancelled_transaction_never_undoes_another_write(
+    moto_regions: dict[str, MotoRegion], table_name: str
+) -> None:
+    """moto rolls a cancelled TransactWriteItems back by restoring a copy of the table taken before it
+    began; our launcher (sidecar.motoserver) makes that copy-and-restore atomic against the other writes,
+    as DynamoDB's isolation is. Without it a put acknowledged meanwhile goes back (seen in CI as a target
+    item regressing under the replicator's transactions)."""
+    region = moto_regions[A]
+    region.create_table(table_name)
+    client = region.client()
+    client.put_item(TableName=table_name, Item={"pk": {"S": "blocker"}, "v": {"N": "1"}})
+    # A table of some size: moto's copy of it then takes long enough for other requests to run meanwhile.
+    for start in range(0, 1000, 25):
+        client.batch_write_item(
+            RequestItems={
+                table_name: [
+                    {"PutRequest": {"Item": {"pk": {"S": f"filler-{n}"}, "data": {"S": "x" * 200}}}}
+                    for n in range(start, start + 25)
+                ]
+            }
+        )
+    stop = threading.Event()
+    cancelled = [0]
+
+    def cancel_transactions() -> None:
+        own = region.client()
+        while not stop.is_set():
+            try:
+                own.transact_write_items(
+                    TransactItems=[
+                        {
+                            "Put": {
+                                "TableName": table_name,
+                                "Item": {"pk": {"S": "blocker"}, "v": {"N": "1"}},
+                                "ConditionExpression": "attribute_not_exists(pk)",
+                            }
+                        }
+                    ]
+                )
+            except ClientError as exc:
+                assert exc.response["Error"]["Code"] == "TransactionCanceledException"
+                cancelled[0] += 1
+
+    threads = [threading.Thread(target=cancel_transactions, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    regressions = []
+    deadline = time.monotonic() + 20
+    try:
+        version = 0
+        while version < 300 and time.monotonic() < deadline:
+            version += 1
+            client.put_item(TableName=table_name, Item={"pk": {"S": "counter"}, "v": {"N": str(version)}})
+            got = client.get_item(TableName=table_name, Key={"pk": {"S": "counter"}}, ConsistentRead=True)
+            seen = int(got.get("Item", {}).get("v", {}).get("N", "0"))
+            if seen < version:
+                regressions.append((version, seen))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert cancelled[0] > 50, "the transactions must have raced the puts"
+    assert version >= 100, "too few puts within the deadline to say anything"
+    assert regressions == []

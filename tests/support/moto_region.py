@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -29,7 +27,7 @@ import botocore.client
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from sidecar.localregion import DEFAULT_SEED, Key, bootstrap_iam
+from sidecar.localregion import DEFAULT_SEED, Key, bootstrap_iam, moto_server_command
 
 from .ports import free_port
 from .processes import ManagedProcess
@@ -37,7 +35,6 @@ from .wait import wait_until
 
 logger = logging.getLogger(__name__)
 
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"
 IAM_USER = "ddb-sidecar-tests"
 # One attempt, really: botocore's {"max_attempts": 1} still retries once (see FIELD-NOTES).
 ONE_ATTEMPT: dict[str, Any] = {"total_max_attempts": 1, "mode": "standard"}
@@ -58,7 +55,7 @@ class MotoRegion:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process = ManagedProcess(
             f"moto-{name}",
-            [MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)],
+            [*moto_server_command(), "-H", "127.0.0.1", "-p", str(self.port)],
             log_dir,
             env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
         )
