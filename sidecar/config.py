@@ -481,6 +481,9 @@ class Config(_Model):
     logging: Logging = Logging()
     notify: Notify = Notify()
     coordination: Coordination = Coordination()
+    # The AWS account of the tables (12 digits): requests naming a table by ARN must name it. Unset: read
+    # from the health table's ARN (DescribeTable) once a region answers.
+    account_id: Annotated[str, Field(pattern=r"^[0-9]{12}$")] | None = None
     # The folder relative paths were resolved against (not a YAML key).
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import __version__
+from sidecar.account import learn_account
 from sidecar.applier import Applier
 from sidecar.config import Address, Config, ConfigError, UnixAddress, load_config
 from sidecar.core.controller import Decision, Intent, desired_weights
@@ -86,11 +87,13 @@ class Event:
         return out
 
 
-def data_path_policy(config: Config) -> DataPathPolicy:
+def data_path_policy(config: Config, learned_account: str | None = None) -> DataPathPolicy:
     gate = GatePolicy(
         tables=frozenset(config.tables),
         allow_control_plane=config.proxy.allow_control_plane,
         max_body_bytes=config.proxy.max_body_bytes,
+        regions=frozenset(region.name for region in config.regions),
+        account=config.account_id or learned_account,
     )
     verifier = ClientVerifier(config.client_secrets()) if config.clients else None
     return DataPathPolicy(gate=gate, verifier=verifier)
@@ -111,6 +114,7 @@ class Daemon:
         self.started_at = time.time()
         self.credentials = credentials or CredentialSource()
         self._policy = data_path_policy(config)
+        self.learned_account: str | None = None  # from the health table's ARN (sidecar.account)
         self.regions: dict[str, RegionRuntime] = {}
         self.monitors: dict[str, RegionMonitor] = {}
         self._servers: list[asyncio.Server] = []
@@ -245,6 +249,8 @@ class Daemon:
             for name, monitor in self.monitors.items():
                 self._spawn(monitor.run(), f"monitor-{name}")
             self._spawn(self.heartbeats.run(), "heartbeats")
+            if cfg.account_id is None:
+                self._spawn(learn_account(self.regions, cfg.health.table, self._account_learned), "account")
             await self.replication.start(self.fleet)
             self._spawn(self._sweep(), "listener-sweeper")
             if cfg.haproxy.manage:
@@ -440,7 +446,7 @@ class Daemon:
         for key in ("listen", "admin", "haproxy", "state_dir", "notify", "coordination"):
             if getattr(config, key) != getattr(old, key):
                 needs_restart.append(key)
-        self._policy = data_path_policy(config)
+        self._policy = data_path_policy(config, self.learned_account)
         self.config = config.model_copy(update={k: getattr(old, k) for k in needs_restart})
         for monitor in self.monitors.values():
             monitor.pool.request_timeout = self.config.health.timeout
@@ -476,6 +482,12 @@ class Daemon:
         self.failover.poke()
         if self.fleet is not None:
             self.fleet.local_changed()
+
+    def _account_learned(self, account: str) -> None:
+        """The health table's ARN told us our AWS account: table ARNs can be checked from now on."""
+        self.learned_account = account
+        self._policy = data_path_policy(self.config, account)
+        logger.info("AWS account %s (from the health table's ARN): table ARNs of it are accepted", account)
 
     def _check_health_table(self, monitor: RegionMonitor) -> None:
         """Alert once when the probes find the health table missing or keyed wrong in a region (and say
@@ -713,6 +725,8 @@ class Daemon:
             "active_region": self.failover.active if started else _desired_active(self.weights),
             "mode": self.failover.mode if started else "automatic",
             "regions": regions,
+            # whose table ARNs the gate accepts (None until the health table's ARN told us)
+            "account_id": self.config.account_id or self.learned_account,
             "failover": self.failover.status() if started else None,
             "connections": {
                 "open": dict(self._open_per_listener),

@@ -89,6 +89,22 @@ def table_not_allowed(tables: Iterable[str], allowed: Iterable[str]) -> DynamoEr
     )
 
 
+def arn_refused(detail: str) -> DynamoError:
+    """A table ARN of another account or of a region this proxy does not serve."""
+    return DynamoError(400, "AccessDeniedException", _clip(detail, 600))
+
+
+def account_unknown() -> DynamoError:
+    return DynamoError(
+        503,
+        "ServiceUnavailable",
+        "ddb-sidecar cannot check a table ARN yet: it does not know its AWS account (it reads it from the "
+        "health table's ARN once a region answers; set `account_id` in the sidecar config, or allow "
+        "dynamodb:DescribeTable on the health table). The request was NOT sent, it is safe to retry; "
+        "tables named by name are not affected",
+    )
+
+
 def control_plane_refused(op_name: str) -> DynamoError:
     return DynamoError(
         400,

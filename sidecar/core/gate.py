@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from sidecar.core import errors
+from sidecar.core import arns, errors
 from sidecar.core.errors import DynamoError
 from sidecar.core.operations import (
     Operation,
@@ -27,6 +27,9 @@ class GatePolicy:
     tables: frozenset[str]
     allow_control_plane: bool = False
     max_body_bytes: int = 16 * 1024 * 1024
+    # For tables named by ARN: the configured regions, and our AWS account (None: not known yet).
+    regions: frozenset[str] = frozenset()
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,20 @@ class Admitted:
     operation: Operation
     kind: OpKind  # effective kind: a PartiQL request of SELECTs only is a READ
     tables: frozenset[str]
+    # A request naming tables by ARN: what to send to each region its ARNs do not already name.
+    retargeted: dict[str, arns.Retargeted] | None = None
+
+    def body_for(self, region: str, body: bytes) -> bytes:
+        """What to sign and send to `region` (`body`: the request as the app sent it)."""
+        if self.retargeted is None or region not in self.retargeted:
+            return body
+        return self.retargeted[region].body
+
+    def answer_from(self, region: str, answer: bytes) -> bytes:
+        """`region`'s answer as the app expects it: its tables named as the app named them."""
+        if self.retargeted is None or region not in self.retargeted:
+            return answer
+        return arns.restored(answer, self.retargeted[region].renamed)
 
 
 def admit(policy: GatePolicy, target: str | None, body: bytes) -> Admitted | DynamoError:
@@ -69,6 +86,14 @@ def admit(policy: GatePolicy, target: str | None, body: bytes) -> Admitted | Dyn
         reserved = _reserved_attribute(op.name, parsed)
         if reserved is not None:
             return errors.validation(reserved)
+    if found.arns:
+        refusal = arns.refusal(found.arns, policy.regions, policy.account)
+        if refusal is not None:
+            return errors.arn_refused(refusal)
+        if policy.account is None:
+            return errors.account_unknown()
+        retargeted = arns.retargeted(parsed, found.arns, sorted(policy.regions))
+        return Admitted(op, found.kind, found.tables, retargeted or None)
     return Admitted(op, found.kind, found.tables)
 
 

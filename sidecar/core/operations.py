@@ -13,6 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
+from sidecar.core.arns import ArnUse
+from sidecar.core.arns import parse as parse_arn
+
 
 class OpKind(enum.StrEnum):
     """What an operation does, as far as routing and the gate care."""
@@ -49,6 +52,7 @@ class Classification(NamedTuple):
     kind: OpKind
     tables: frozenset[str]
     keys_read: tuple[tuple[bytes, int], ...]
+    arns: tuple[ArnUse, ...] = ()  # where tables are named by ARN (empty for almost every request)
 
 
 TARGET_PREFIX: Final = "DynamoDB_20120810."
@@ -153,10 +157,10 @@ def _name_from_arn(arn: str) -> str | None:
 
     Covers table, index, stream, backup, export and import ARNs: all of them live under ``table/NAME``.
     """
-    parts = arn.split(":", 5)
-    if len(parts) != 6 or parts[0] != "arn" or parts[2] != "dynamodb" or not parts[5].startswith("table/"):
+    parsed = parse_arn(arn)
+    if parsed is None:
         return None
-    name = parts[5][6:].partition("/")[0]
+    name = parsed.resource[6:].partition("/")[0]
     return name if _TABLE_NAME_RE.fullmatch(name) else None
 
 
@@ -209,11 +213,12 @@ def _needle(key: str) -> bytes:
 
 _MISSING: Final = object()
 
-# What an extractor returns: the effective kind (None: the operation's own kind), the tables, keys read.
-_Extracted = tuple[OpKind | None, frozenset[str], tuple[tuple[bytes, int], ...]]
+# What an extractor returns: the effective kind (None: the operation's own kind), the tables, keys read,
+# where ARNs name tables.
+_Extracted = tuple[OpKind | None, frozenset[str], tuple[tuple[bytes, int], ...], tuple[ArnUse, ...]]
 _Extractor = Callable[[Mapping[str, Any]], _Extracted]
 
-_NOTHING: Final[_Extracted] = (None, frozenset(), ())
+_NOTHING: Final[_Extracted] = (None, frozenset(), (), ())
 
 
 def _no_tables(body: Mapping[str, Any]) -> _Extracted:
@@ -238,10 +243,11 @@ def _fields(op: str, *fields: _Field, one_of: tuple[str, ...] = ()) -> _Extracto
         def single(body: Mapping[str, Any]) -> _Extracted:
             value = body.get(key, _MISSING)
             if plain_name_ok and isinstance(value, str) and _is_table_name(value):  # the hot path
-                return None, frozenset((value,)), keys_read
+                return None, frozenset((value,)), keys_read, ()
             if value is _MISSING:
                 raise RequestShapeError(f"{op}: {key} is missing; send {form.value} in {key}")
-            return None, frozenset((_table(value, op, key, form),)), keys_read
+            name = _table(value, op, key, form)
+            return None, frozenset((name,)), keys_read, (ArnUse((key,), value),) if name != value else ()
 
         return single
 
@@ -250,17 +256,21 @@ def _fields(op: str, *fields: _Field, one_of: tuple[str, ...] = ()) -> _Extracto
     def several(body: Mapping[str, Any]) -> _Extracted:
         tables: set[str] = set()
         read: list[tuple[bytes, int]] = []
+        arns: list[ArnUse] = []
         for f in fields:
             value = body.get(f.key, _MISSING)
             if value is _MISSING:
                 if f.required:
                     raise RequestShapeError(f"{op}: {f.key} is missing; send {f.form.value} in {f.key}")
                 continue
-            tables.add(_table(value, op, f.key, f.form))
+            name = _table(value, op, f.key, f.form)
+            tables.add(name)
+            if name != value:
+                arns.append(ArnUse((f.key,), value))
             read.append(needles[f.key])
         if one_of and not any(k in body for k in one_of):
             raise RequestShapeError(f"{op}: send one of {' or '.join(one_of)} to name the source table")
-        return None, frozenset(tables), tuple(read)
+        return None, frozenset(tables), tuple(read), tuple(arns)
 
     return several
 
@@ -275,7 +285,7 @@ def _import_table(body: Mapping[str, Any]) -> _Extracted:
     if value is _MISSING:
         raise RequestShapeError("ImportTable: TableCreationParameters.TableName is missing; name the table")
     name = _table(value, "ImportTable", "TableCreationParameters.TableName", _Form.NAME)
-    return None, frozenset((name,)), _IMPORT_KEYS
+    return None, frozenset((name,)), _IMPORT_KEYS, ()
 
 
 _IMPORT_KEYS: Final = ((_needle("TableCreationParameters"), 1), (_needle("TableName"), 1))
@@ -290,11 +300,14 @@ def _request_items(op: str) -> _Extractor:
             raise RequestShapeError(
                 f"{op}: RequestItems must be a non-empty object keyed by table name or ARN"
             )
-        return (
-            None,
-            frozenset([_table(k, op, "a RequestItems key", _Form.NAME_OR_ARN) for k in items]),
-            keys_read,
-        )
+        tables: set[str] = set()
+        arns: list[ArnUse] = []
+        for key in items:
+            name = _table(key, op, "a RequestItems key", _Form.NAME_OR_ARN)
+            tables.add(name)
+            if name != key:
+                arns.append(ArnUse(("RequestItems", key), key, key=True))
+        return None, frozenset(tables), keys_read, tuple(arns)
 
     return extract
 
@@ -310,6 +323,7 @@ def _transact_items(op: str, actions: tuple[str, ...]) -> _Extractor:
         if not isinstance(items, list) or not items:
             raise RequestShapeError(f"{op}: TransactItems must be a non-empty array of {listed} items")
         tables: set[str] = set()
+        arns: list[ArnUse] = []
         seen = dict.fromkeys(actions, 0)
         for i, item in enumerate(items):
             if not isinstance(item, dict):
@@ -330,13 +344,16 @@ def _transact_items(op: str, actions: tuple[str, ...]) -> _Extractor:
                 where = f"TransactItems[{i}].{action}.TableName"
                 if value is _MISSING:
                     raise RequestShapeError(f"{op}: {where} is missing; name the table of every item")
-                tables.add(_table(value, op, where, _Form.NAME_OR_ARN))
+                name = _table(value, op, where, _Form.NAME_OR_ARN)
+                tables.add(name)
+                if name != value:
+                    arns.append(ArnUse(("TransactItems", i, action, "TableName"), value))
             if not found:
                 raise RequestShapeError(f"{op}: TransactItems[{i}] has none of {listed}; give it exactly one")
         total = sum(seen.values())
         read = [(items_key, 1), (table_key, total)]
         read.extend((needles[a], n) for a, n in seen.items() if n)
-        return None, frozenset(tables), tuple(read)
+        return None, frozenset(tables), tuple(read), tuple(arns)
 
     return extract
 
@@ -442,15 +459,22 @@ def statement_kind(stmt: str) -> OpKind:
     return OpKind.WRITE
 
 
-def _table_ref(stmt: str, after: str, pos: int, allow_index: bool) -> tuple[str, _Token]:
-    """The table named at pos, and the token following the reference (and its ``.index``, if allowed)."""
+# A table named by ARN in a statement: where the ARN starts, and the ARN.
+_StatementArn = tuple[int, str] | None
+
+
+def _table_ref(stmt: str, after: str, pos: int, allow_index: bool) -> tuple[str, _Token, _StatementArn]:
+    """The table named at pos, the token following the reference (and its ``.index``, if allowed), and
+    the ARN that named it, if one did."""
     kind, start, end = _token(stmt, pos)
+    arn: _StatementArn = None
     if kind == "quoted":
         name = stmt[start + 1 : end - 1]
         if name.startswith("arn:"):
             derived = _name_from_arn(name)
             if derived is None:
                 raise RequestShapeError(f"expected a table name or DynamoDB table ARN after {after}")
+            arn = (start + 1, name)
             name = derived
     elif kind == "word":
         name = stmt[start:end]
@@ -465,10 +489,10 @@ def _table_ref(stmt: str, after: str, pos: int, allow_index: bool) -> tuple[str,
             follow = _token(stmt, end)
         else:
             raise RequestShapeError('expected an index name after "table".')
-    return name, follow
+    return name, follow, arn
 
 
-def _parse_head(stmt: str) -> tuple[OpKind, str, int]:
+def _parse_head(stmt: str) -> tuple[OpKind, str, int, _StatementArn]:
     """Token-by-token head parser: kind, table, and where the unparsed rest begins."""
     tok = _token(stmt, 0)
     if tok[0] != "word":
@@ -508,22 +532,22 @@ def _parse_head(stmt: str) -> tuple[OpKind, str, int]:
                 raise RequestShapeError("SELECT without FROM")
             else:
                 raise RequestShapeError(_HEAD_SYNTAX)
-        table, follow = _table_ref(stmt, "FROM", tok[2], allow_index=True)
+        table, follow, arn = _table_ref(stmt, "FROM", tok[2], allow_index=True)
         result, allowed, end_ok = OpKind.READ, _FOLLOW_SELECT, not in_exists
     elif head == "INSERT":
         tok = _token(stmt, tok[2])
         if not _is_word(stmt, tok, "INTO"):
             raise RequestShapeError("expected INTO after INSERT")
-        table, follow = _table_ref(stmt, "INSERT INTO", tok[2], allow_index=False)
+        table, follow, arn = _table_ref(stmt, "INSERT INTO", tok[2], allow_index=False)
         result, allowed, end_ok = OpKind.WRITE, _FOLLOW_INSERT, False
     elif head == "UPDATE":
-        table, follow = _table_ref(stmt, "UPDATE", tok[2], allow_index=False)
+        table, follow, arn = _table_ref(stmt, "UPDATE", tok[2], allow_index=False)
         result, allowed, end_ok = OpKind.WRITE, _FOLLOW_UPDATE, False
     elif head == "DELETE":
         tok = _token(stmt, tok[2])
         if not _is_word(stmt, tok, "FROM"):
             raise RequestShapeError("expected FROM after DELETE")
-        table, follow = _table_ref(stmt, "DELETE FROM", tok[2], allow_index=False)
+        table, follow, arn = _table_ref(stmt, "DELETE FROM", tok[2], allow_index=False)
         result, allowed, end_ok = OpKind.WRITE, _FOLLOW_DELETE, False
     else:
         raise RequestShapeError("a statement must start with SELECT, INSERT, UPDATE, DELETE or EXISTS")
@@ -539,11 +563,12 @@ def _parse_head(stmt: str) -> tuple[OpKind, str, int]:
             )
     elif not (in_exists and kind == "other" and stmt[start] == ")"):
         raise RequestShapeError("unexpected text after the table name (a statement names exactly one table)")
-    return result, table, end
+    return result, table, end, arn
 
 
-def _parse_statement(stmt: str) -> tuple[OpKind, str]:
-    """The kind of a PartiQL statement and the one table it names; RequestShapeError when unsure."""
+def _parse_statement(stmt: str) -> tuple[OpKind, str, _StatementArn]:
+    """The kind of a PartiQL statement, the one table it names and the ARN that named it, if one did;
+    RequestShapeError when unsure."""
     if "`" in stmt:
         raise RequestShapeError("Ion literals (`...`) are not supported; use '...' strings or parameters")
     m = _fast_head(stmt)
@@ -554,8 +579,9 @@ def _parse_statement(stmt: str) -> tuple[OpKind, str]:
         result = OpKind.READ if group[0] == "s" else OpKind.WRITE
         table: str = m.group(group)
         end = m.end()
+        arn: _StatementArn = None  # the fast heads take names only
     else:
-        result, table, end = _parse_head(stmt)
+        result, table, end, arn = _parse_head(stmt)
     # The rest is not parsed, but a second query hiding in it would name a table we never checked, and a
     # second statement after a `;` too (DynamoDB refuses it today; we do not lean on that).
     if ";" in stmt and _separator_after(stmt, end):
@@ -574,7 +600,7 @@ def _parse_statement(stmt: str) -> tuple[OpKind, str]:
                 raise RequestShapeError(
                     "a nested query (SELECT or FROM after the table name) is not supported"
                 )
-    return result, table
+    return result, table, arn
 
 
 def _separator_after(stmt: str, pos: int) -> bool:
@@ -588,7 +614,7 @@ def _separator_after(stmt: str, pos: int) -> bool:
             return True
 
 
-def _statement(op: str, where: str, value: object) -> tuple[OpKind, str]:
+def _statement(op: str, where: str, value: object) -> tuple[OpKind, str, _StatementArn]:
     if not isinstance(value, str):
         raise RequestShapeError(
             f"{op}: {where} must be a string (a PartiQL statement), not {_json_type(value)}"
@@ -615,8 +641,9 @@ def _execute_statement(body: Mapping[str, Any]) -> _Extracted:
     value = body.get("Statement", _MISSING)
     if value is _MISSING:
         raise RequestShapeError("ExecuteStatement: Statement is missing; send one PartiQL statement")
-    kind, table = _statement("ExecuteStatement", "Statement", value)
-    return kind, frozenset((table,)), _STATEMENT_KEYS
+    kind, table, arn = _statement("ExecuteStatement", "Statement", value)
+    arns = (ArnUse(("Statement",), arn[1], at=arn[0]),) if arn is not None else ()
+    return kind, frozenset((table,)), _STATEMENT_KEYS, arns
 
 
 def _statement_list(op: str, list_key: str) -> _Extractor:
@@ -630,15 +657,19 @@ def _statement_list(op: str, list_key: str) -> _Extractor:
                 f"{op}: {list_key} must be a non-empty array of {{Statement: ...}} objects"
             )
         tables: set[str] = set()
+        arns: list[ArnUse] = []
         kind = OpKind.READ
         for i, entry in enumerate(statements):
             if not isinstance(entry, dict) or "Statement" not in entry:
                 raise RequestShapeError(f"{op}: {list_key}[{i}] must be an object with a Statement")
-            one_kind, table = _statement(op, f"{list_key}[{i}].Statement", entry["Statement"])
+            one_kind, table, arn = _statement(op, f"{list_key}[{i}].Statement", entry["Statement"])
             if one_kind is not OpKind.READ:
                 kind = OpKind.WRITE
             tables.add(table)
-        return kind, frozenset(tables), ((list_needle, 1), (statement_needle, len(statements)))
+            if arn is not None:
+                arns.append(ArnUse((list_key, i, "Statement"), arn[1], at=arn[0]))
+        read = ((list_needle, 1), (statement_needle, len(statements)))
+        return kind, frozenset(tables), read, tuple(arns)
 
     return extract
 
@@ -741,8 +772,8 @@ _EXTRACTORS: Final[dict[str, _Extractor]] = _build_extractors()
 
 def classify(op: Operation, body: Mapping[str, Any]) -> Classification:
     """Effective kind and tables of one request, in one pass; RequestShapeError when it cannot be checked."""
-    kind, tables, keys_read = _EXTRACTORS[op.name](body)
-    return Classification(op.kind if kind is None else kind, tables, keys_read)
+    kind, tables, keys_read, arns = _EXTRACTORS[op.name](body)
+    return Classification(op.kind if kind is None else kind, tables, keys_read, arns)
 
 
 def tables_touched(op: Operation, body: Mapping[str, Any]) -> frozenset[str]:

@@ -424,6 +424,7 @@ class RegionListener(asyncio.Protocol):
                          decision.operation.name)  # fmt: skip
             return
         region = dest
+        body = decision.body_for(region.name, body)  # tables named by ARN name the region it goes to
         head = region.signer.request_head(region.credentials(), target, body, time.time(), req.user_agent)
         self._busy = True
         started = time.monotonic()
@@ -463,6 +464,9 @@ class RegionListener(asyncio.Protocol):
                     response.status >= 500 or latency > region.slow_after[cls] or region.suspect
                 ):
                     watch(response.status, response.body, latency, None, write, cls)
+                if decision.retargeted is not None and response.status == 200:
+                    answer = decision.answer_from(region.name, response.body)
+                    response = UpstreamResponse(response.status, response.head, answer)
                 self._write_response(response, req.keep_alive)
             else:
                 assert error is not None

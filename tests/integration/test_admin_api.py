@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import SIDECAR, SidecarStack, new_app_table
+from tests.support.stack import SidecarStack, new_app_table
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,7 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[in
 def cli(
     stack: SidecarStack, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SIDECAR), *args, "-c", str(stack.config_path)],
-        capture_output=True, text=True, timeout=60, env={**stack.env, **(env or {})}, check=False,
-    )  # fmt: skip
+    return stack.cli(*args, env=env)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
-from tests.support.stack import SIDECAR, SidecarStack, new_app_table, pid_alive
+from tests.support.stack import SidecarStack, new_app_table, pid_alive
 from tests.support.wait import wait_until
 
 HOME, OTHER = "us-east-1", "eu-west-1"
@@ -72,14 +72,7 @@ def _haproxy_pid(stack: SidecarStack) -> int | None:
 
 
 def cli(stack: SidecarStack, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SIDECAR), *args, "-c", str(stack.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=stack.env,
-        check=False,
-    )
+    return stack.cli(*args, timeout=timeout)
 
 
 def weights(stack: SidecarStack) -> dict[str, int | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import urllib.error
@@ -212,6 +213,15 @@ class SidecarStack:
     def metrics(self) -> str:
         with _NO_PROXY.open(f"{self.admin_url}/metrics", timeout=2.0) as resp:
             return str(resp.read().decode())
+
+    def cli(
+        self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`ddb-sidecar ARGS -c <this sidecar's config>`, as an operator on this host would type it."""
+        return subprocess.run(
+            [str(SIDECAR), *args, "-c", str(self.config_path)],
+            capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})}, check=False,
+        )  # fmt: skip
 
     def client(self, url: str | None = None, region: str = "us-east-1", **config: Any) -> Any:
         """A boto3 DynamoDB client of the app: any credentials, pointed at the stable address."""

@@ -14,10 +14,18 @@ from sidecar.core.errors import DynamoError
 from sidecar.core.gate import Admitted, GatePolicy, admit
 from sidecar.core.operations import OPERATIONS, TARGET_PREFIX, OpKind
 
-from .test_operations import EXAMPLES, arn
+from .test_operations import ACCOUNT, EXAMPLES, arn
 
-POLICY = GatePolicy(tables=frozenset({"orders", "users"}))
-OPEN = GatePolicy(tables=frozenset({"orders", "users"}), allow_control_plane=True)
+# One region: a table ARN of it goes out as sent (tests/unit/core/test_arns.py covers re-targeting).
+POLICY = GatePolicy(tables=frozenset({"orders", "users"}), regions=frozenset({"us-east-1"}), account=ACCOUNT)
+OPEN = GatePolicy(
+    tables=frozenset({"orders", "users"}), allow_control_plane=True, regions=POLICY.regions, account=ACCOUNT
+)
+
+
+def served(tables: Any, **settings: Any) -> GatePolicy:
+    """A policy serving `tables` in POLICY's region and account (the examples' ARNs name both)."""
+    return GatePolicy(frozenset(tables), regions=POLICY.regions, account=ACCOUNT, **settings)
 
 
 def target(name: str) -> str:
@@ -106,19 +114,19 @@ def test_control_plane_refusal_comes_before_parsing() -> None:
 @pytest.mark.parametrize("name", CONTROL_AND_ACCOUNT)
 def test_control_plane_allowed_still_checks_tables(name: str) -> None:
     request, tables = EXAMPLES[name]
-    policy = GatePolicy(frozenset(tables), allow_control_plane=True)
+    policy = served(tables, allow_control_plane=True)
     result = admit(policy, target(name), body(request))
     assert isinstance(result, Admitted), result
     assert result.tables == tables
     if tables:
-        narrower = GatePolicy(frozenset({"something-else"}), allow_control_plane=True)
+        narrower = served({"something-else"}, allow_control_plane=True)
         refused(admit(narrower, target(name), body(request)), "AccessDeniedException")
 
 
 @pytest.mark.parametrize("name", sorted(n for n, op in OPERATIONS.items() if op.kind is OpKind.DESCRIBE))
 def test_describe_operations_need_no_control_plane(name: str) -> None:
     request, tables = EXAMPLES[name]
-    result = admit(GatePolicy(frozenset(tables)), target(name), body(request))
+    result = admit(served(tables), target(name), body(request))
     assert isinstance(result, Admitted), result
     assert result.kind is OpKind.DESCRIBE
 
@@ -126,7 +134,7 @@ def test_describe_operations_need_no_control_plane(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_every_example_is_admitted_when_its_tables_are_allowed(name: str) -> None:
     request, tables = EXAMPLES[name]
-    result = admit(GatePolicy(frozenset(tables), allow_control_plane=True), target(name), body(request))
+    result = admit(served(tables, allow_control_plane=True), target(name), body(request))
     assert isinstance(result, Admitted), result
     assert result.operation is OPERATIONS[name]
     assert result.tables == tables

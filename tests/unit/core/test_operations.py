@@ -714,7 +714,8 @@ def test_execute_statement_shapes(statement: Any) -> None:
 
 
 def parse(statement: str) -> tuple[OpKind, str]:
-    return ops._parse_statement(statement)
+    kind, table, _arn = ops._parse_statement(statement)
+    return kind, table
 
 
 R, W = OpKind.READ, OpKind.WRITE
@@ -1048,13 +1049,13 @@ _shaped = st.one_of(
 def test_fast_path_agrees_with_the_token_parser(statement: str) -> None:
     fast = ops._fast_head(statement)
     try:
-        slow: tuple[OpKind, str, int] | None = ops._parse_head(statement)
+        slow: tuple[OpKind, str, int, object] | None = ops._parse_head(statement)
     except RequestShapeError:
         slow = None
     if fast is not None:
         assert fast.lastgroup is not None
         kind = OpKind.READ if fast.lastgroup[0] == "s" else OpKind.WRITE
-        assert slow == (kind, fast.group(fast.lastgroup), fast.end())
+        assert slow == (kind, fast.group(fast.lastgroup), fast.end(), None)
 
 
 @given(
