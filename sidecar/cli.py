@@ -66,6 +66,22 @@ def validate(config_path: Path) -> None:
 
 @main.command()
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+def doctor(config_path: Path, as_json: bool) -> None:
+    """Preflight this host: config, credentials, clock, tables, permissions, HAProxy, state_dir, etcd."""
+    from sidecar.doctor import run_doctor
+
+    report = run_doctor(config_path)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(1 if report.failed else 0)
+
+
+@main.command()
+@config_option
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: haproxy.config."
 )

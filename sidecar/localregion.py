@@ -42,13 +42,19 @@ def moto_server_command() -> list[str]:
     return [sys.executable, "-m", "sidecar.motoserver"]
 
 
-def bootstrap_iam(endpoint: str, region: str, seed: int = DEFAULT_SEED, user: str = IAM_USER) -> Key:
+def bootstrap_iam(
+    endpoint: str,
+    region: str,
+    seed: int = DEFAULT_SEED,
+    user: str = IAM_USER,
+    policy: dict[str, Any] | None = None,
+) -> Key:
     """Create an IAM user allowed `dynamodb:*` in a fresh moto_server; return its access key.
 
     The server must run with INITIAL_NO_AUTH_ACTION_COUNT=3. Seeds moto's random generator first, so
     every process bootstrapped with the same seed hands out the same key (IAM is global at AWS); then
-    spends the three unauthenticated calls on CreateUser, CreateAccessKey and PutUserPolicy. Every later
-    call to that process must be signed with the key.
+    spends the three unauthenticated calls on CreateUser, CreateAccessKey and PutUserPolicy (`policy`,
+    default `dynamodb:*`). Every later call to that process must be signed with the key.
     """
     import boto3
     from botocore.config import Config
@@ -70,7 +76,7 @@ def bootstrap_iam(endpoint: str, region: str, seed: int = DEFAULT_SEED, user: st
         iam.create_user(UserName=user)
         key = iam.create_access_key(UserName=user)["AccessKey"]
         iam.put_user_policy(
-            UserName=user, PolicyName="dynamodb-all", PolicyDocument=json.dumps(DYNAMODB_POLICY)
+            UserName=user, PolicyName="dynamodb", PolicyDocument=json.dumps(policy or DYNAMODB_POLICY)
         )
     return Key(key["AccessKeyId"], key["SecretAccessKey"])
 

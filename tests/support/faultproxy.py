@@ -28,6 +28,8 @@ Modes (`set_mode` returns once the mode is in force):
                        relaying it (a one-way latency each way: a round trip gets 2*S longer)
   hold                 seconds=S: hold each request S s before forwarding it; the answer is relayed at once
                        (a request that takes the region S s longer: with operation=Scan, slow Scans)
+  skew_date            seconds=S (may be negative): forward, and move the Date header of each answer S s
+                       (a region whose clock, or ours, is off: what `doctor` measures)
   http_error           answer every request with a DynamoDB-shaped error, keep-alive: status (500),
                        code (InternalServerError; ServiceUnavailableException for 503), message
   throttle             the same with status 400 and code ProvisionedThroughputExceededException (or e.g.
@@ -52,10 +54,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import email.utils
 import itertools
 import json
 import logging
 import os
+import re
 import socket
 import struct
 import sys
@@ -63,6 +67,7 @@ import urllib.error
 import urllib.request
 from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +85,14 @@ MODES = (
     "reset_after_request",
     "delay",
     "hold",
+    "skew_date",
     "http_error",
     "throttle",
 )
 # Modes decided per request; `match`, `operation` and `times` apply to these.
-REQUEST_MODES = frozenset({"blackhole", "reset_after_request", "delay", "hold", "http_error", "throttle"})
+REQUEST_MODES = frozenset(
+    {"blackhole", "reset_after_request", "delay", "hold", "skew_date", "http_error", "throttle"}
+)
 DYNAMODB = "com.amazonaws.dynamodb.v20120810"
 _REASONS = {400: "Bad Request", 500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_HEAD = 1024 * 1024
@@ -99,6 +107,7 @@ _PARAMS: dict[str, set[str]] = {
     "reset_after_request": _NARROW,
     "delay": {"seconds", *_NARROW},
     "hold": {"seconds", *_NARROW},
+    "skew_date": {"seconds", *_NARROW},
     "http_error": {"status", "code", "message", *_NARROW},
     "throttle": {"status", "code", "message", *_NARROW},
 }
@@ -139,6 +148,10 @@ class Mode:
             mode.seconds = float(params["seconds"])
             if mode.seconds < 0:
                 raise ValueError("seconds must not be negative")
+        elif name == "skew_date":
+            if "seconds" not in params:
+                raise ValueError("mode skew_date needs seconds=")
+            mode.seconds = float(params["seconds"])
         elif name in ("http_error", "throttle"):
             mode.status = int(params.get("status", 500 if name == "http_error" else 400))
             if not 400 <= mode.status <= 599:
@@ -179,6 +192,23 @@ class _Client:
     pump: asyncio.Task[None] | None = None
     black: bool = False  # blackholed once: nothing is ever answered on it again
     hold: float = 0.0  # delay for the next response's first chunk
+    date_offset: float = 0.0  # seconds added to the Date header of the next response
+
+
+_DATE_RE = re.compile(rb"\r\n(Date: *)([^\r\n]+)\r\n", re.IGNORECASE)
+
+
+def _skew_date(data: bytes, offset: float) -> bytes:
+    """The response bytes with their Date header moved `offset` s (a head in the first chunk: moto's)."""
+    match = _DATE_RE.search(data)
+    if match is None:
+        return data
+    try:
+        moved = email.utils.parsedate_to_datetime(match.group(2).decode()) + timedelta(seconds=offset)
+    except (TypeError, ValueError):
+        return data
+    value = email.utils.format_datetime(moved.astimezone(UTC), usegmt=True).encode()
+    return data[: match.start(2)] + value + data[match.end(2) :]
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -329,8 +359,10 @@ class FaultProxyServer:
             elif mode.name == "reset_after_request":
                 await self._forward_then_reset(client, req)
                 return
-            else:  # pass, delay, hold
-                if mode.seconds:
+            else:  # pass, delay, hold, skew_date
+                if mode.name == "skew_date":
+                    client.date_offset = mode.seconds
+                elif mode.seconds:
                     await asyncio.sleep(mode.seconds)
                 client.hold = mode.seconds if mode.name == "delay" else 0.0
                 if not await self._forward(client, req):
@@ -356,6 +388,9 @@ class FaultProxyServer:
                 if client.hold:
                     hold, client.hold = client.hold, 0.0
                     await asyncio.sleep(hold)
+                if client.date_offset:
+                    data = _skew_date(data, client.date_offset)
+                    client.date_offset = 0.0
                 client.writer.write(data)
                 await client.writer.drain()
         except OSError as exc:

@@ -49,7 +49,10 @@ class MotoRegion:
     the IAM user and key. `launch()` does all three.
     """
 
-    def __init__(self, name: str, log_dir: str | os.PathLike[str], port: int | None = None) -> None:
+    def __init__(
+        self, name: str, log_dir: str | os.PathLike[str], port: int | None = None, free_calls: int = 3
+    ) -> None:
+        """`free_calls`: unsigned calls moto allows before it checks signatures (3 per IAM user to create)."""
         self.name = name
         self.port = port if port is not None else free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -57,7 +60,7 @@ class MotoRegion:
             f"moto-{name}",
             [*moto_server_command(), "-H", "127.0.0.1", "-p", str(self.port)],
             log_dir,
-            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(free_calls)},
         )
         self._credentials: Credentials | None = None
         self._session = boto3.session.Session()
