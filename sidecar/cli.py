@@ -473,12 +473,14 @@ def reconcile(
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["outage", "replica", "fleet"]),
+    type=click.Choice(["outage", "replica", "fleet", "drill"]),
     default="outage",
     show_default=True,
     help="outage: the home region goes dark and traffic moves to the other region; "
     "replica: the other region freezes and recovers, unnoticed by the app; "
-    "fleet: three hosts on a local etcd, one cut off alone, then the region cut for all.",
+    "fleet: three hosts on a local etcd, one cut off alone, then the region cut for all; "
+    "drill: a full DR drill in streams mode (outage, failover, return, reconcile, switchover home, "
+    "check both regions; under a minute, --duration is ignored).",
 )
 def demo(duration: float | None, workdir: Path | None, base_port: int, scenario: str) -> None:
     """Two local DynamoDB regions, HAProxy, the sidecar and a client, all on loopback, with a scripted outage."""
@@ -487,6 +489,10 @@ def demo(duration: float | None, workdir: Path | None, base_port: int, scenario:
             from sidecar.demo_fleet import run_fleet_demo
 
             sys.exit(run_fleet_demo(duration, workdir, base_port))
+        if scenario == "drill":
+            from sidecar.demo_drill import run_drill
+
+            sys.exit(run_drill(workdir, base_port))
         from sidecar.demo import run_demo
 
         sys.exit(run_demo(duration=duration, workdir=workdir, base_port=base_port, scenario=scenario))

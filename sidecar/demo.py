@@ -11,6 +11,7 @@ client that talks to the stable address like the Perl app would. Two scripted sc
 - `replica`: the replica region freezes for a third of the run and comes back; the app, served by the home
   region, does not notice. Every acknowledged write ends up in the home region and only there.
 - `fleet` is `sidecar.demo_fleet`: three hosts agreeing through a local etcd cluster.
+- `drill` is `sidecar.demo_drill`: a whole DR cycle in streams mode, from the outage back home.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from sidecar.localregion import Key, LocalRegion
 HEALTH_TABLE = "ddb-sidecar-health"
 TABLE = "orders"
 HOME, OTHER = "us-east-1", "eu-west-1"
-SCENARIOS = ("outage", "replica")  # and "fleet": sidecar.demo_fleet
+SCENARIOS = ("outage", "replica")  # and "fleet": sidecar.demo_fleet, "drill": sidecar.demo_drill
 
 # The outage scenario's application: open-loop writes (a stuck request never delays the next one), each one
 # attempt with short timeouts, so that every failure the app would see is counted.
@@ -86,20 +87,19 @@ def _status(admin: str) -> dict[str, Any] | None:
         return None
 
 
-def run_demo(duration: float | None, workdir: Path | None, base_port: int, scenario: str = "outage") -> int:
-    if scenario not in SCENARIOS:
-        print(f"--scenario must be one of {', '.join(SCENARIOS)}", file=sys.stderr)
-        return 2
-    if not 1024 <= base_port <= 32000:
-        print(
-            "--base-port must be between 1024 and 32000 (ports above 32767 are ephemeral here)",
-            file=sys.stderr,
-        )
-        return 2
-    own_workdir = workdir is None
-    work = workdir or Path(tempfile.mkdtemp(prefix="ddbdemo"))
-    work.mkdir(parents=True, exist_ok=True)
-    ports = {
+def valid_base_port(base_port: int) -> bool:
+    """Whether the demo's ports fit below the ephemeral range; says why not on stderr."""
+    if 1024 <= base_port <= 32000:
+        return True
+    print(
+        "--base-port must be between 1024 and 32000 (ports above 32767 are ephemeral here)", file=sys.stderr
+    )
+    return False
+
+
+def demo_ports(base_port: int) -> dict[str, int]:
+    """The loopback ports of a one-host demo: stable address, stats, admin, region listeners, moto regions."""
+    return {
         "listen": base_port,
         "stats": base_port + 4,
         "admin": base_port + 5,
@@ -108,6 +108,64 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int, scena
         f"moto-{HOME}": base_port + 201,
         f"moto-{OTHER}": base_port + 202,
     }
+
+
+def start_sidecar(work: Path, config: dict[str, Any], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Write `work/sidecar.yaml` and start `ddb-sidecar run` on it in a session of its own (with its
+    HAProxy), logging to `work/logs/sidecar.log`."""
+    config_path = work / "sidecar.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    with open(work / "logs" / "sidecar.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run", "-c", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=work,
+            start_new_session=True,
+        )
+
+
+def wait_sidecar_up(
+    admin: str, sidecar: subprocess.Popen[bytes], timeout: float = 30.0
+) -> dict[str, Any] | None:
+    """The sidecar's status once every region is up and a region is active; None if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _status(admin)
+        if status and all(r["state"] == "up" for r in status["regions"]) and status.get("active_region"):
+            return status
+        if sidecar.poll() is not None or time.monotonic() > deadline:
+            return None
+        time.sleep(0.1)
+
+
+def stop_sidecar(sidecar: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the sidecar's session (it drains and stops its HAProxy); SIGKILL after 15 s."""
+    if sidecar.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(sidecar.pid, signal.SIGTERM)
+    try:
+        sidecar.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sidecar.pid, signal.SIGKILL)
+        sidecar.wait()
+
+
+def run_demo(duration: float | None, workdir: Path | None, base_port: int, scenario: str = "outage") -> int:
+    if scenario not in SCENARIOS:
+        print(f"--scenario must be one of {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if not valid_base_port(base_port):
+        return 2
+    own_workdir = workdir is None
+    work = workdir or Path(tempfile.mkdtemp(prefix="ddbdemo"))
+    work.mkdir(parents=True, exist_ok=True)
+    ports = demo_ports(base_port)
     regions = [
         LocalRegion(name, ports[f"moto-{name}"], work / "logs" / f"moto-{name}.log") for name in (HOME, OTHER)
     ]
@@ -140,32 +198,13 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int, scena
             "admin": f"127.0.0.1:{ports['admin']}",
             "state_dir": "run",
         }
-        config_path = work / "sidecar.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        env = sidecar_env(key)
         print("demo: starting the sidecar (and its HAProxy) ...")
-        with open(work / "logs" / "sidecar.log", "ab") as log:
-            sidecar = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "run", "-c", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=work,
-                start_new_session=True,
-            )
+        sidecar = start_sidecar(work, config, sidecar_env(key))
         admin = config["admin"]
-        deadline = time.monotonic() + 30
-        while True:
-            status = _status(admin)
-            if status and all(r["state"] == "up" for r in status["regions"]) and status.get("active_region"):
-                break
-            if sidecar.poll() is not None or time.monotonic() > deadline:
-                print(
-                    f"demo: the sidecar did not come up; see {work / 'logs' / 'sidecar.log'}", file=sys.stderr
-                )
-                return 1
-            time.sleep(0.1)
+        status = wait_sidecar_up(admin, sidecar)
+        if status is None:
+            print(f"demo: the sidecar did not come up; see {work / 'logs' / 'sidecar.log'}", file=sys.stderr)
+            return 1
         stable = f"http://127.0.0.1:{ports['listen']}"
         print(
             f"demo: stable address {stable}   HAProxy stats http://{config['haproxy']['stats']}/   admin http://{admin}/status"
@@ -174,14 +213,8 @@ def run_demo(duration: float | None, workdir: Path | None, base_port: int, scena
             return _replica(regions, stable, admin, status, duration)
         return _outage(regions, stable, admin, status, duration)
     finally:
-        if sidecar is not None and sidecar.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(sidecar.pid, signal.SIGTERM)
-            try:
-                sidecar.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(sidecar.pid, signal.SIGKILL)
-                sidecar.wait()
+        if sidecar is not None:
+            stop_sidecar(sidecar)
         for region in regions:
             region.stop()
         if own_workdir:
@@ -484,9 +517,11 @@ def _outage(
     print(
         f"\ndemo: failback is manual (failover.failback: manual): traffic stays on {other.name} until an operator "
         f"moves it back. Next step, once {home.name} is healthy and {other.name}'s writes have reached it:\n"
+        f"  ddb-sidecar switchover --to {home.name}    (planned move: holds writes until replication has caught up)\n"
         f"  ddb-sidecar failover --to {home.name}      (immediate move; says what may not be replicated yet)\n"
-        f"  (the planned `ddb-sidecar switchover --to {home.name}`, which waits for replication, is not "
-        "implemented yet)"
+        "  `ddb-sidecar demo --scenario drill` runs that whole cycle with replication on (this scenario has none "
+        "between its two regions): outage, failover, the region's return, reconcile, switchover home, and a "
+        "check that both regions hold the same items"
     )
     return 0 if good else 1
 
