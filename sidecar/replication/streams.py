@@ -147,6 +147,7 @@ class _ShardProgress:
     caught_up: bool = False  # the last GetRecords returned nothing
     last_created_ms: int | None = None  # of the newest record read
     pending_since_ms: int | None = None  # oldest record read and not yet applied
+    answered_ms: float | None = None  # when the source last answered a GetRecords of this shard
 
 
 class StreamReplicator:
@@ -726,6 +727,7 @@ class _Pipeline:
                 attempt = 0
                 progress.failing = False
                 progress.reads += 1
+                progress.answered_ms = self.owner._clock() * 1000
                 records = answer.get("Records") or []
                 if records:
                     progress.caught_up = False
@@ -879,14 +881,20 @@ class _Pipeline:
         return worst
 
     def lag_ms(self, now_ms: float) -> float | None:
+        """The age of the oldest record read and not applied; and, when the source has not answered a read
+        for longer than a poll, at least that silence: a GetRecords hanging on a frozen source region must
+        not look caught up (what it would return is unknown, so the lag is at least that old)."""
         if self.phase != "running" or not self.progress:
             return None
         worst = 0.0
+        poll_ms = self.settings.poll_interval * 1000
         for p in self.progress.values():
             if p.failing or p.reads == 0:
                 return None
             if p.pending_since_ms is not None:
                 worst = max(worst, now_ms - p.pending_since_ms)
+            if p.answered_ms is not None:
+                worst = max(worst, now_ms - p.answered_ms - poll_ms)
         return worst
 
     def status(self) -> dict[str, Any]:

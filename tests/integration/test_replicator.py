@@ -30,6 +30,7 @@ from sidecar.proxy.sigv4 import Credentials
 from sidecar.replication.apply import Applier
 from sidecar.replication.checkpoint import CheckpointState, CheckpointStore, ShardCheckpoint, checkpoint_path
 from sidecar.replication.streams import MOVE_MARGIN_MS, StreamReplicator
+from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
 from tests.support.processes import ManagedProcess
 from tests.support.stack import isolated_aws_env
@@ -298,6 +299,36 @@ async def test_replicates_and_resumes_from_its_checkpoint(
     finally:
         await again.stop()
     assert again.status()["records_read"] == 40
+
+
+async def test_a_silent_source_is_never_reported_caught_up(
+    moto_regions: dict[str, MotoRegion], tables: tuple[str, str], tmp_path: Path
+) -> None:
+    """A source region that stops answering (frozen, blackholed) leaves a GetRecords hanging: nothing is
+    pending, yet the target is not known to be caught up. The lag grows with the silence (found by the DR
+    drill: the failover event said `lag 0 ms` while acknowledged writes were stranded in the frozen region)."""
+    table, health = tables
+    with FaultProxy(moto_regions[A].port, tmp_path) as proxy:
+        data = config_data(moto_regions, table, health)
+        data["regions"][0]["endpoint"] = proxy.url
+        config = config_from_data(data, base_dir=tmp_path)
+        rep = replicator(config, moto_regions[A])
+        await rep.start()
+        try:
+            await async_wait_until(lambda: rep.status()["lag_ms"] == 0, 10, message="caught up")
+            proxy.set_mode("blackhole")
+            silent = await async_wait_until(
+                lambda: (lag := rep.status()["lag_ms"]) is not None and lag > 1000 and lag,
+                10,
+                message="the lag grows while the source is silent",
+            )
+            assert silent > 1000
+            proxy.set_mode("pass")
+            await async_wait_until(
+                lambda: rep.status()["lag_ms"] == 0, 60, interval=0.2, message="caught up again"
+            )
+        finally:
+            await rep.stop()
 
 
 async def test_after_a_move_replication_runs_from_the_new_region(
