@@ -396,10 +396,10 @@ class Daemon:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keeper.stop()
-        await self.replication.stop()
         self.offload.stop()
-        if self.haproxy is not None:
-            await self.haproxy.stop()
+        # The replicator may wait up to its grace (30 s) for writes into a region that does not answer;
+        # HAProxy need not wait for it (a supervisor's SIGKILL meanwhile would orphan HAProxy).
+        await asyncio.gather(self.replication.stop(), self._stop_haproxy())
         # Let in-flight requests finish (bounded), then close what remains.
         deadline = time.monotonic() + 5.0
         while any(r.stats.in_flight for r in self.regions.values()) and time.monotonic() < deadline:  # noqa: ASYNC110 - a bounded drain over several counters
@@ -417,6 +417,10 @@ class Daemon:
         await self.notifier.close(2.0)
         await self.credentials.close()
         self.stopped.set()
+
+    async def _stop_haproxy(self) -> None:
+        if self.haproxy is not None:
+            await self.haproxy.stop()
 
     def request_stop(self) -> None:
         self.stopped.set()

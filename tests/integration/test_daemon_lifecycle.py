@@ -27,15 +27,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from sidecar.haproxy.binary import find_haproxy
 from sidecar.haproxy.runtime import RuntimeAPIError, parse_show_proc
+from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
 from tests.support.processes import ManagedProcess
 from tests.support.stack import (
+    DEFAULT_TEST_HEALTH,
     SIDECAR,
     SidecarStack,
     base_env,
     ensure_table,
     new_app_table,
     pid_alive,
+    stream_tables,
 )
 from tests.support.wait import wait_until
 
@@ -146,6 +149,41 @@ def test_sigterm_while_busy_drains_and_exits_zero(
         log = stack.log_text()
         assert "stopping: draining in-flight requests" in log
         assert "Traceback" not in log, stack.process.log_tail(80)
+
+
+def test_sigterm_with_a_replication_target_silent_stops_haproxy_at_once(
+    regions: list[MotoRegion], tmp_path: Path
+) -> None:
+    """The replicator may wait its grace (30 s) for writes into a region that does not answer; HAProxy
+    must not wait with it (a supervisor's SIGKILL meanwhile would leave HAProxy orphaned; found by the
+    DR drill)."""
+    app, health = stream_tables(regions, "stop")
+    with FaultProxy(regions[1].port, tmp_path) as other:
+        stack = SidecarStack(
+            regions, [app], tmp_path, endpoints={OTHER: other.url},
+            extra={"health": {**DEFAULT_TEST_HEALTH, "table": health}, "replication": {"mode": "streams"}},
+        )  # fmt: skip
+        with stack:
+            stack.wait_regions_up()
+            haproxy_pid = stack.status()["haproxy"]["pid"]
+            assert isinstance(haproxy_pid, int) and pid_alive(haproxy_pid)
+            other.set_mode("blackhole")
+            app_client = stack.client()
+            for n in range(20):  # writes the replicator must carry into the silent region
+                app_client.put_item(TableName=app, Item={"pk": {"S": f"stop-{n}"}})
+            wait_until(
+                # the replicator's first call of a write round (its tombstone lookup); probes never send it
+                lambda: other.requests("blackhole", "BatchGetItem"),
+                20, message="the replicator's writes hang in the silent region",
+            )  # fmt: skip
+            signalled = time.monotonic()
+            stack.signal(signal.SIGTERM)
+            wait_until(
+                lambda: not pid_alive(haproxy_pid), 10, message="HAProxy stopped while the replicator waits"
+            )
+            stopped = time.monotonic() - signalled
+            assert stack.wait_exit(60) == 0, stack.process.log_tail()
+            assert stopped < 10
 
 
 # -- SIGHUP -------------------------------------------------------------------------------------------------
