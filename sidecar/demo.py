@@ -110,17 +110,20 @@ def demo_ports(base_port: int) -> dict[str, int]:
     }
 
 
-def start_sidecar(work: Path, config: dict[str, Any], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Write `work/sidecar.yaml` and start `ddb-sidecar run` on it in a session of its own (with its
-    HAProxy), logging to `work/logs/sidecar.log`."""
+def start_sidecar(
+    work: Path, config: dict[str, Any], env: dict[str, str], log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Write `work/sidecar.yaml` and start `ddb-sidecar run` on it in `work`, in a session of its own (with
+    its HAProxy), logging to `log` (default `work/logs/sidecar.log`)."""
     config_path = work / "sidecar.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    with open(work / "logs" / "sidecar.log", "ab") as log:
+    log = log or work / "logs" / "sidecar.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run", "-c", str(config_path)],
             stdin=subprocess.DEVNULL,
-            stdout=log,
+            stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
             cwd=work,

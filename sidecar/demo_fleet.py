@@ -27,9 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sidecar.demo import HEALTH_TABLE, TABLE, _app_client, _found, _status, sidecar_env, start_regions
+from sidecar.demo import (
+    HEALTH_TABLE,
+    TABLE,
+    _app_client,
+    _found,
+    _status,
+    sidecar_env,
+    start_regions,
+    start_sidecar,
+)
 from sidecar.fleet.localetcd import LocalEtcdCluster
 from sidecar.localregion import LocalRegion
 
@@ -189,17 +196,7 @@ def run_fleet_demo(duration: float | None, workdir: Path | None, base_port: int)
             }
             hostdir = work / host
             hostdir.mkdir(exist_ok=True)
-            (hostdir / "sidecar.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-            with open(work / "logs" / f"sidecar-{host}.log", "ab") as log:
-                sidecars[host] = subprocess.Popen(
-                    [sys.executable, "-m", "sidecar", "run", "-c", str(hostdir / "sidecar.yaml")],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=hostdir,
-                    start_new_session=True,
-                )
+            sidecars[host] = start_sidecar(hostdir, config, env, work / "logs" / f"sidecar-{host}.log")
         print("demo: starting three hosts (a sidecar and its HAProxy each) ...")
         if not _wait(lambda: _settled(admins), 45, sidecars):
             print(f"demo: the fleet did not form; see {work / 'logs'}", file=sys.stderr)

@@ -9,7 +9,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,16 @@ import pytest
 from sidecar.localregion import bootstrap_iam
 from tests.support.faultproxy import FaultProxy
 from tests.support.moto_region import MotoRegion
+from tests.support.ports import free_port
 from tests.support.stack import (
     DEFAULT_TEST_HEALTH,
+    SIDECAR,
     SidecarStack,
     isolated_aws_env,
     offline_config,
     stream_tables,
 )
 
-SIDECAR = Path(sys.executable).parent / "ddb-sidecar"
 HOME, OTHER = "us-east-1", "eu-west-1"
 
 
@@ -55,7 +55,7 @@ def region_config(
     return offline_config(
         tmp_path,
         regions=[
-            {"name": name, "endpoint": url, "proxy": f"127.0.0.1:{_free_port()}"}
+            {"name": name, "endpoint": url, "proxy": f"127.0.0.1:{free_port()}"}
             for name, url in regions.items()
         ],
         tables=[app],
@@ -63,12 +63,6 @@ def region_config(
         replication={"mode": mode},
         **extra,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -214,7 +208,7 @@ def test_busy_ports_bad_state_dir_and_unreachable_etcd(
         config = region_config(
             tmp_path, endpoints(moto_regions), app, health, mode="none",
             listen=f"127.0.0.1:{port}", state_dir=str(blocker / "state"),
-            coordination={"backend": "etcd", "endpoints": [f"http://127.0.0.1:{_free_port()}"]},
+            coordination={"backend": "etcd", "endpoints": [f"http://127.0.0.1:{free_port()}"]},
         )  # fmt: skip
         code, report = doctor(config, moto_regions[HOME].credentials)
     assert code == 1
