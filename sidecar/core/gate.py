@@ -39,12 +39,21 @@ class Admitted:
     tables: frozenset[str]
     # A request naming tables by ARN: what to send to each region its ARNs do not already name.
     retargeted: dict[str, arns.Retargeted] | None = None
+    # SigV4's payload hashes, computed with the decision for large bodies: "" the body as sent, else per
+    # region of `retargeted`.
+    digests: dict[str, str] | None = None
 
     def body_for(self, region: str, body: bytes) -> bytes:
         """What to sign and send to `region` (`body`: the request as the app sent it)."""
         if self.retargeted is None or region not in self.retargeted:
             return body
         return self.retargeted[region].body
+
+    def digest_for(self, region: str) -> str | None:
+        """The SHA-256 (hex) of `body_for(region)` when a gate worker computed it (large bodies), else None."""
+        if self.digests is None:
+            return None
+        return self.digests.get(region if self.retargeted and region in self.retargeted else "")
 
     def answer_from(self, region: str, answer: bytes) -> bytes:
         """`region`'s answer as the app expects it: its tables named as the app named them."""

@@ -425,7 +425,9 @@ class RegionListener(asyncio.Protocol):
             return
         region = dest
         body = decision.body_for(region.name, body)  # tables named by ARN name the region it goes to
-        head = region.signer.request_head(region.credentials(), target, body, time.time(), req.user_agent)
+        head = region.signer.request_head(
+            region.credentials(), target, body, time.time(), req.user_agent, decision.digest_for(region.name)
+        )
         self._busy = True
         started = time.monotonic()
         if not region.stats.in_flight:

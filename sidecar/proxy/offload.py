@@ -11,12 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import hashlib
 import logging
 import multiprocessing
 from concurrent.futures.process import BrokenProcessPool
 
 from sidecar.core.errors import DynamoError
 from sidecar.core.gate import Admitted, GatePolicy, admit
+
+
+def admit_and_digest(policy: GatePolicy, target: str | None, body: bytes) -> Admitted | DynamoError:
+    """The gate's decision and, for an admitted request, the SHA-256 of each body it may be sent as: SigV4
+    hashes the whole payload (~20 ms for 16 MB), better here than on the loop."""
+    decision = admit(policy, target, body)
+    if not isinstance(decision, Admitted):
+        return decision
+    digests = {"": hashlib.sha256(body).hexdigest()}
+    for region, retargeted in (decision.retargeted or {}).items():
+        digests[region] = hashlib.sha256(retargeted.body).hexdigest()
+    return dataclasses.replace(decision, digests=digests)
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +63,7 @@ class GateOffload:
             self.start()
         assert self._pool is not None
         try:
-            return asyncio.wrap_future(self._pool.submit(admit, policy, target, body), loop=loop)
+            return asyncio.wrap_future(self._pool.submit(admit_and_digest, policy, target, body), loop=loop)
         except (BrokenProcessPool, RuntimeError) as exc:
             logger.error("gate worker pool unusable (%s); starting a new one", exc)
             self.stop()

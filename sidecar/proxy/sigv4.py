@@ -227,12 +227,19 @@ class DynamoDBRequestSigner:
         return encoded
 
     def request_head(
-        self, creds: Credentials, target: str, body: bytes, now: float, app_user_agent: bytes | None = None
+        self,
+        creds: Credentials,
+        target: str,
+        body: bytes,
+        now: float,
+        app_user_agent: bytes | None = None,
+        payload_sha256: str | None = None,
     ) -> bytes:
         """The complete request head, ending in a blank line; the caller sends ``body`` right after it.
 
         ``app_user_agent``: the app's own User-Agent, kept (with ours appended) so that CloudTrail and AWS
         support still see the app's SDK and version; only printable ASCII of it, at most 512 bytes.
+        ``payload_sha256``: the body's SHA-256 in hex when already known (a gate worker hashed it).
 
         Raises ValueError for a target, access key or token that is not printable ASCII (header
         injection).
@@ -248,7 +255,8 @@ class DynamoDBRequestSigner:
         encoded_target = self._targets.get(target)
         if encoded_target is None:
             encoded_target = self._add_target(target)
-        creq = state.creq_prefix + target + state.creq_middle + _sha256(body).hexdigest()
+        digest = payload_sha256 if payload_sha256 is not None else _sha256(body).hexdigest()
+        creq = state.creq_prefix + target + state.creq_middle + digest
         sts = state.sts_prefix + _sha256(creq.encode()).hexdigest()
         sig = _hmac_digest(state.key, sts.encode(), "sha256").hex().encode()
         head_end = self._head_end

@@ -195,3 +195,24 @@ def test_the_answer_names_the_tables_as_the_app_did() -> None:
     # the region the ARN names answers as is; an answer that is not JSON passes untouched
     assert result.answer_from("us-east-1", b"whatever") == b"whatever"
     assert restored(b"not json", ((there, arn()),)) == b"not json"
+
+
+def test_a_gate_worker_hashes_each_body_it_may_be_sent_as() -> None:
+    import hashlib
+
+    from sidecar.proxy.offload import admit_and_digest
+
+    body = {"TableName": arn(), "Item": {"pk": {"S": "a"}}}
+    raw = orjson.dumps(body)
+    decision = admit_and_digest(POLICY, TARGET_PREFIX + "PutItem", raw)
+    assert isinstance(decision, Admitted)
+    for region in ("us-east-1", "eu-west-1"):
+        assert decision.digest_for(region) == hashlib.sha256(decision.body_for(region, raw)).hexdigest()
+    assert decision.body_for("eu-west-1", raw) != raw
+    by_name = admit_and_digest(POLICY, TARGET_PREFIX + "GetItem", b'{"TableName": "orders", "Key": {}}')
+    assert (
+        isinstance(by_name, Admitted)
+        and by_name.digest_for("eu-west-1")
+        == hashlib.sha256(b'{"TableName": "orders", "Key": {}}').hexdigest()
+    )
+    assert isinstance(admit_and_digest(POLICY, TARGET_PREFIX + "GetItem", b"{}"), DynamoError)

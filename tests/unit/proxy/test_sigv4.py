@@ -851,3 +851,17 @@ def test_the_apps_user_agent_is_kept_sanitized_and_each_change_is_seen() -> None
     assert ua(b"Paws/0.44\x01\x7f") == b"User-Agent: Paws/0.44 ddb-sidecar/1"  # the cached answer
     assert ua(b"boto3/1.35") == b"User-Agent: boto3/1.35 ddb-sidecar/1"  # another app's, not the cached one
     assert ua(b"\x01\x02") == b"User-Agent: ddb-sidecar/1"
+
+
+def test_a_known_payload_hash_signs_exactly_as_hashing_the_body() -> None:
+    import hashlib
+
+    signer = DynamoDBRequestSigner("us-east-1", "dynamodb.us-east-1.amazonaws.com")
+    body = b'{"TableName": "orders"}' * 1000
+    known = hashlib.sha256(body).hexdigest()
+    assert signer.request_head(CREDS, TARGET, body, NOW, None, known) == signer.request_head(
+        CREDS, TARGET, body, NOW
+    )
+    assert signer.request_head(CREDS, TARGET, body, NOW, None, "0" * 64) != signer.request_head(
+        CREDS, TARGET, body, NOW
+    )
