@@ -110,7 +110,8 @@ class Doctor:
         self.report = Report()
         self.account: str | None = None
         self._clients: dict[str, Any] = {}
-        self._schemas: dict[str, list[dict[str, str]]] = {}  # table -> key schema seen first
+        # table -> (key schema, key attribute types) as first seen: other regions must match it
+        self._schemas: dict[str, tuple[list[dict[str, str]], dict[str, str]]] = {}
 
     # -- the whole run ---------------------------------------------------------------------------------
 
@@ -282,10 +283,10 @@ class Doctor:
                 "it again: " + self._create_command(config, region, table, True)
             )
         elif not is_health:
-            seen = self._schemas.setdefault(table, key)
+            seen, seen_types = self._schemas.setdefault(table, (key, types))
             if seen != key:
                 problems.append(
-                    f"key is {_key_text(key, types)}, but {_key_text(seen, types)} in another region"
+                    f"key is {_key_text(key, types)}, but {_key_text(seen, seen_types)} in another region"
                 )
                 fixes.append("every region's table must have the same key schema: recreate this one")
         mode = config.replication.mode
@@ -372,10 +373,17 @@ class Doctor:
         if is_health:
             key = "--attribute-definitions AttributeName=pk,AttributeType=S --key-schema AttributeName=pk,KeyType=HASH"
         else:
-            seen = self._schemas.get(table)
-            key = ("--attribute-definitions ... --key-schema " + " ".join(
-                f"AttributeName={k['AttributeName']},KeyType={k['KeyType']}" for k in seen)
-                if seen else "--attribute-definitions ... --key-schema ... (as in the other regions)")  # fmt: skip
+            known = self._schemas.get(table)
+            if known is None:
+                key = "--attribute-definitions ... --key-schema ... (the key the app's table has elsewhere)"
+            else:
+                seen, types = known
+                key = (
+                    "--attribute-definitions "
+                    + " ".join(f"AttributeName={k['AttributeName']},AttributeType={types.get(k['AttributeName'], 'S')}" for k in seen)
+                    + " --key-schema "
+                    + " ".join(f"AttributeName={k['AttributeName']},KeyType={k['KeyType']}" for k in seen)
+                )  # fmt: skip
         stream = ""
         if config.replication.mode == "streams":
             stream = " --stream-specification StreamEnabled=true,StreamViewType=NEW_AND_OLD_IMAGES"

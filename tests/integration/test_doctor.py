@@ -114,9 +114,10 @@ def test_a_table_missing_in_one_region_wrong_health_key_and_stream_off(
     missing = problems[f"table {app} {OTHER}"]
     assert missing["detail"] == "missing"
     assert f"aws dynamodb create-table --region {OTHER} --table-name {app}" in missing["fix"]
-    assert "AttributeName=pk,KeyType=HASH AttributeName=sk,KeyType=RANGE" in missing["fix"], (
-        "the key seen at home"
-    )
+    assert (
+        "--attribute-definitions AttributeName=pk,AttributeType=S AttributeName=sk,AttributeType=S "
+        "--key-schema AttributeName=pk,KeyType=HASH AttributeName=sk,KeyType=RANGE"
+    ) in missing["fix"], "the key seen at home, with its types"
     for region in (HOME, OTHER):
         wrong = problems[f"table {health} {region}"]
         assert "pk (S) alone" in wrong["detail"] and "id (S, hash)" in wrong["detail"]
