@@ -1,13 +1,15 @@
-"""`moto_server`, with DynamoDB's transactions made atomic against the other writes.
+"""`moto_server`, with DynamoDB's transactions made atomic against the other requests.
 
 moto's TransactWriteItems snapshots every table it touches (a deep copy), applies the actions one by one,
 and on a cancellation puts the snapshot back. moto_server answers requests on several threads, so a write
 that lands on the same table between the snapshot and the rollback is wiped by the rollback: an item goes
 back to an older version although its newer write was acknowledged. DynamoDB never does that, and our
 replicator (conditional TransactWriteItems, several in flight) hit it in CI: the target regressed after
-a restart, when re-delivered records make transactions cancel. One lock held by every DynamoDB write for
-its whole duration (re-entrant: a transaction calls put_item itself) gives the isolation DynamoDB promises;
-reads stay unlocked, as each item is still replaced whole.
+a restart, when re-delivered records make transactions cancel. And readers see a transaction's first
+actions before a later one cancels it (a Scan saw an item at v=11, then at v=9 after the rollback):
+DynamoDB never shows a write of a transaction that does not commit. One lock held by every DynamoDB item
+call, reads included, for its whole duration (re-entrant: a transaction calls put_item itself) gives the
+isolation DynamoDB promises; moto is bound by the GIL anyway, so little throughput is lost.
 
 Run as `python -m sidecar.motoserver [moto_server's arguments]`. moto is a development dependency; nothing
 in the daemon imports this.
@@ -21,8 +23,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-# Every DynamoDBBackend method that changes items (BatchWriteItem goes through put_item/delete_item).
-WRITES = (
+# Every DynamoDBBackend method that reads or changes items (BatchWriteItem goes through put_item and
+# delete_item, BatchGetItem and TransactGetItems through get_item).
+ITEM_CALLS = (
+    "get_item",
+    "query",
+    "scan",
     "put_item",
     "update_item",
     "delete_item",
@@ -33,7 +39,7 @@ WRITES = (
 )
 
 
-def serialize_dynamodb_writes() -> None:
+def serialize_item_calls() -> None:
     from moto.dynamodb.models import DynamoDBBackend
 
     lock = threading.RLock()
@@ -46,14 +52,14 @@ def serialize_dynamodb_writes() -> None:
 
         return call
 
-    for name in WRITES:
+    for name in ITEM_CALLS:
         setattr(DynamoDBBackend, name, locked(getattr(DynamoDBBackend, name)))
 
 
 def main() -> int:
     from moto.server import main as moto_main
 
-    serialize_dynamodb_writes()
+    serialize_item_calls()
     sys.argv[0] = "moto_server"
     moto_main()
     return 0
