@@ -91,6 +91,19 @@ def refusal(uses: Iterable[ArnUse], regions: frozenset[str], account: str | None
                 f"the table ARN {shown} names account {arn.account[:32]}; this proxy signs only for its own "
                 f"account's tables ({account}). Call DynamoDB directly for another account's tables"
             )
+    # Map keys that differ only by region would become one key once re-targeted, and one of them would be
+    # lost: refuse them.
+    keys: dict[tuple[Path, str], str] = {}
+    for use in uses:
+        if use.key:
+            parsed = parse(use.arn)
+            assert parsed is not None  # checked above
+            same = keys.setdefault((use.path[:-1], parsed.in_region("*")), use.arn)
+            if same != use.arn:
+                return (
+                    f"RequestItems names the table {parsed.resource[6:][:160]} twice, by ARNs of different "
+                    "regions; name each table once"
+                )
     return None
 
 

@@ -216,3 +216,11 @@ def test_a_gate_worker_hashes_each_body_it_may_be_sent_as() -> None:
         == hashlib.sha256(b'{"TableName": "orders", "Key": {}}').hexdigest()
     )
     assert isinstance(admit_and_digest(POLICY, TARGET_PREFIX + "GetItem", b"{}"), DynamoError)
+
+
+def test_one_table_twice_by_arns_of_two_regions_is_refused_not_merged() -> None:
+    # re-targeted, both keys would become one and one key's requests would be lost
+    body = {"RequestItems": {arn(): [{"PutRequest": {"Item": {}}}], arn(region="eu-west-1"): []}}
+    result = call("BatchWriteItem", body)
+    assert isinstance(result, DynamoError) and result.code == "AccessDeniedException"
+    assert "twice" in result.message
